@@ -1,0 +1,29 @@
+"""Certificates: Lipschitz-margin radii, the shared record format, certification runs and reports."""
+
+from stablenet.certify.lipschitz import (
+    LipschitzCertifier,
+    certify_lipschitz,
+    generic_margin_radius,
+    lln_margin_radius,
+)
+from stablenet.certify.records import ABSTAIN, RECORD_FIELDS, CertificationRecord, RecordWriter, read_records
+from stablenet.certify.report import STANDARD_RADII, certified_accuracy, write_report
+from stablenet.certify.run import CERTIFY_METHODS, certify_dataset, certify_run
+
+__all__ = [
+    "ABSTAIN",
+    "CERTIFY_METHODS",
+    "RECORD_FIELDS",
+    "STANDARD_RADII",
+    "CertificationRecord",
+    "LipschitzCertifier",
+    "RecordWriter",
+    "certified_accuracy",
+    "certify_dataset",
+    "certify_lipschitz",
+    "certify_run",
+    "generic_margin_radius",
+    "lln_margin_radius",
+    "read_records",
+    "write_report",
+]

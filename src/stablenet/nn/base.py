@@ -1,0 +1,50 @@
+"""Shared machinery of stablenet layers: the eval-mode weight cache and the rounding slack.
+
+# Note [eval cache]
+A constrained layer maps free parameters to constrained weights (a normalisation, a rescaling). In
+training that map runs at every forward so gradients flow through it. In eval mode, with no gradient
+needed for the parameters, the weights are fixed, so we compute them once and reuse them: inference then
+costs what a plain layer costs. The cache key holds each parameter's storage pointer, in-place version
+counter, device and dtype, so an optimiser step, ``load_state_dict`` (an in-place ``copy_``) or ``.to()``
+invalidates it without any hook.
+
+# Note [rounding slack]
+A layer that is 1-Lipschitz in exact arithmetic computes in float32, so its measured constant can exceed 1
+by rounding (we measure about 1e-7). ``lipschitz_bound()`` therefore returns ``1 + LAYER_ROUNDING_SLACK``,
+100 times the largest excess seen in ``tests/nn``. Certificates multiply these per-layer bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LAYER_ROUNDING_SLACK", "WeightCache"]
+
+LAYER_ROUNDING_SLACK = 1e-5
+
+
+class WeightCache:
+    """Caches a function of some parameters while they do not change (see Note [eval cache])."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: object = None
+
+    def get(self, module: nn.Module, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
+        """Return ``compute()``, reusing the cached value in eval mode when no parameter needs a gradient."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if module.training or needs_grad:
+            self._key, self._value = None, None
+            return compute()
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        if key != self._key:
+            with torch.no_grad():
+                self._value = compute()
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        self._key, self._value = None, None

@@ -1,0 +1,173 @@
+"""Training configuration: one dataclass, set from YAML, overridden by ``--key value`` flags.
+
+Every key is validated: unknown keys and values of the wrong type raise ``ValueError`` with one line that
+names the key and what it accepts. The resolved configuration is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TrainConfig", "apply_overrides", "load_config", "parse_override_args"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (so a run is reproducible from this alone)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str = "sll_mlp"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    normalize_std: bool = False  # False: centre inputs only, keeping the model's Lipschitz constant in pixels
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    loss: str = "offset_ce"
+    loss_offset: float = 0.7071
+    loss_temperature: float = 0.25
+    crop_padding: int = 0
+    flip: bool = False
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.crop_padding >= 0, "crop_padding must be >= 0"),
+            (self.loss_temperature > 0, "loss_temperature must be > 0"),
+            (self.loss_offset >= 0, "loss_offset must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}; got {dataclasses.asdict(self)[message.split()[0]]}")
+        choices = {
+            "optimizer": ("adam", "adamw", "sgd"),
+            "schedule": ("constant", "cosine"),
+            "loss": ("ce", "hinge", "offset_ce"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a config must be a mapping of key: value; got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+        return cls(**dict(values))
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check_types(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ValueError(f"config key {f.name!r} must be {_type_name(hints[f.name])}; got {value!r}")
+        if hints[f.name] is float and isinstance(value, int):
+            setattr(config, f.name, float(value))
+
+
+def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (``None``: defaults) and apply ``overrides`` (dotted keys allowed)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of key: value; got {type(loaded).__name__}")
+        values = loaded or {}
+    return apply_overrides(TrainConfig.from_dict(values), overrides or {})
+
+
+def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """A copy of ``config`` with ``overrides`` applied; ``model_args.width: 64`` sets a nested key."""
+    values = config.to_dict()
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            if head != "model_args":
+                raise ValueError(f"only model_args takes nested keys (model_args.NAME); got {key!r}")
+            values["model_args"] = {**values["model_args"], rest: value}
+        else:
+            values[head] = value
+    return TrainConfig.from_dict(values)
+
+
+def parse_override_args(args: Sequence[str]) -> dict[str, Any]:
+    """Parse ``["--epochs", "5", "--model_args.width=64"]`` into ``{"epochs": 5, ...}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected --key value pairs for config overrides; got {arg!r}")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ValueError(f"config override --{key} needs a value")
+            raw = args[i + 1]
+            i += 1
+        key = key.replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key] = raw
+        i += 1
+    return out
