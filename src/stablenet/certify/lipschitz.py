@@ -33,6 +33,7 @@ from stablenet.certify.records import ABSTAIN
 
 __all__ = [
     "FORWARD_ROUNDING_TOLERANCE",
+    "LipschitzCertifier",
     "certify_lipschitz",
     "forward_rounding_tolerance",
     "generic_margin_radius",

@@ -39,7 +39,11 @@ def sll_mlp(
         raise ValueError(f"width must be >= the flattened input size {features}; got {width}")
     if depth < 0:
         raise ValueError(f"depth must be >= 0; got {depth}")
-    layers: list[nn.Module] = [InputNormalization(mean, std), nn.Flatten(), ChannelPad(features, width)]
+    layers: list[nn.Module] = [
+        InputNormalization(mean, std, input_size=input_size),
+        nn.Flatten(),
+        ChannelPad(features, width),
+    ]
     layers += [SLLLinear(width, inner_width) for _ in range(depth)]
     layers.append(LinearNormalized(width, num_classes))
     return nn.Sequential(*layers)

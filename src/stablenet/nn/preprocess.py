@@ -17,13 +17,19 @@ __all__ = ["ChannelPad", "InputNormalization"]
 
 
 class InputNormalization(nn.Module):
-    """Per-channel ``(x - mean) / std`` on ``(N, C, ...)`` inputs."""
+    """Per-channel ``(x - mean) / std`` on ``(N, C, ...)`` inputs.
+
+    Args:
+        mean, std: one value per channel.
+        input_size: when given, the spatial size every input must have (checked, with a clear error).
+    """
 
     def __init__(
         self,
         mean: Sequence[float],
         std: Sequence[float],
         *,
+        input_size: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -32,14 +38,15 @@ class InputNormalization(nn.Module):
             raise ValueError(f"mean and std must have one value per channel; got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std values must be > 0; got {list(std)}")
+        self.input_size = tuple(input_size) if input_size is not None else None
         self.register_buffer("mean", torch.tensor(list(mean), device=device, dtype=dtype))
         self.register_buffer("std", torch.tensor(list(std), device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2 or x.shape[1] != self.mean.numel():
-            raise ValueError(
-                f"expected inputs of shape (N, {self.mean.numel()}, ...) with pixels in [0, 1]; got {tuple(x.shape)}"
-            )
+        spatial = self.input_size
+        if x.dim() < 2 or x.shape[1] != self.mean.numel() or (spatial is not None and tuple(x.shape[2:]) != spatial):
+            expected = ", ".join(map(str, (self.mean.numel(), *(spatial or ("...",)))))
+            raise ValueError(f"expected inputs of shape (N, {expected}) with pixels in [0, 1]; got {tuple(x.shape)}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
 

@@ -72,7 +72,11 @@ def gram_iteration(weight: Tensor, n_iter: int = 6, *, detach_normalizers: bool 
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1; got {n_iter}")
     g = weight if weight.shape[-2] >= weight.shape[-1] else weight.mH
-    log_scale = torch.zeros(weight.shape[:-2], dtype=_real_dtype(weight.dtype), device=weight.device)
+    # Scale by the largest entry first so the first Frobenius norm cannot overflow (the bound is 1-homogeneous).
+    peak = g.detach().abs().amax(dim=(-2, -1))
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    g = g / peak[..., None, None].to(g.dtype)
+    log_scale = torch.zeros(peak.shape, dtype=peak.dtype, device=weight.device)
     for _ in range(n_iter):
         c = torch.linalg.matrix_norm(g, ord="fro")
         if detach_normalizers:
@@ -84,7 +88,7 @@ def gram_iteration(weight: Tensor, n_iter: int = 6, *, detach_normalizers: bool 
         log_scale = 2.0 * (log_scale + torch.log(c))
     fro = torch.linalg.matrix_norm(g, ord="fro")
     exponent = 2.0**-n_iter
-    return fro.pow(exponent) * torch.exp(log_scale * exponent)
+    return fro.pow(exponent) * torch.exp(log_scale * exponent) * peak
 
 
 def spectral_norm_upper_bound(weight: Tensor, n_iter: int = 8) -> Tensor:

@@ -27,6 +27,7 @@ __all__ = [
     "MODEL_FILE",
     "TRAIN_STATE_FILE",
     "load_model",
+    "load_state_dict_checked",
     "load_training_state",
     "read_model_metadata",
     "save_model",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "create_loss"]
+__all__ = ["LOSSES", "create_loss", "multiclass_hinge", "offset_cross_entropy"]
 
 
 def offset_cross_entropy(logits: Tensor, target: Tensor, offset: float, temperature: float) -> Tensor:

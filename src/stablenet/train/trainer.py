@@ -40,7 +40,7 @@ from stablenet.train.checkpoint import (
 from stablenet.train.config import TrainConfig
 from stablenet.train.losses import create_loss
 
-__all__ = ["TrainResult", "resolve_device", "train"]
+__all__ = ["TrainResult", "evaluate", "resolve_device", "train"]
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"

@@ -1,0 +1,38 @@
+"""Image data sets by name and a device-resident batch pipeline.
+
+* :func:`load_dataset` (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` and any
+  :func:`register_dataset` adds) returns float32 images in ``[0, 1]`` and int64 labels; files are found under
+  ``root``, ``$STABLENET_DATA``, ``./data`` or ``~/.cache/stablenet/data`` (see :mod:`stablenet.data.builtin`)
+  and decoded once into a uint8 cache under ``$STABLENET_CACHE`` or ``~/.cache/stablenet/cache``.
+* :func:`dataset_info` gives classes, shape and normalisation statistics without loading anything.
+* :class:`DeviceLoader` yields shuffled, augmented batches from a data set held whole on one device.
+
+Example:
+    >>> from stablenet.data import DeviceLoader, load_dataset
+    >>> data = load_dataset("digits", "train")
+    >>> loader = DeviceLoader(data.images, data.labels, batch_size=128, shuffle=True, crop_padding=1)
+    >>> x, y = next(iter(loader))
+    >>> x.shape, y.shape
+    (torch.Size([128, 1, 8, 8]), torch.Size([128]))
+"""
+
+from stablenet.data import builtin as _builtin  # noqa: F401  (registers the built-in data sets)
+from stablenet.data.datasets import (
+    DatasetInfo,
+    ImageData,
+    dataset_info,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
+from stablenet.data.loader import DeviceLoader
+
+__all__ = [
+    "DatasetInfo",
+    "DeviceLoader",
+    "ImageData",
+    "dataset_info",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+]

@@ -1,0 +1,121 @@
+"""The CLI end to end on a tiny run, and its one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stablenet.certify.records import RECORD_FIELDS
+from stablenet.cli import main
+
+TINY = [
+    "--dataset",
+    "digits",
+    "--epochs",
+    "2",
+    "--model_args.width",
+    "64",
+    "--model_args.depth",
+    "1",
+    "--device",
+    "cpu",
+]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "stablenet.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_train_certify_report_end_to_end(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: sll_mlp\nlr: 0.003\n")
+    assert main(["train", "-c", str(cfg), *TINY, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "config.yaml").read_text().count("epochs: 2") == 1
+    out = tmp_path / "records.jsonl"
+    assert (
+        main(
+            [
+                "certify",
+                "--run",
+                str(tmp_path / "run"),
+                "--method",
+                "lipschitz",
+                "--out",
+                str(out),
+                "--max-examples",
+                "50",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    lines = out.read_text().splitlines()
+    assert len(lines) == 50
+    first = json.loads(lines[0])
+    assert list(first) == list(RECORD_FIELDS) and first["method"] == "lipschitz" and first["norm"] == "l2"
+    # resumable: a rerun over more examples certifies only the new ones
+    assert main(["certify", "--run", str(tmp_path / "run"), "--out", str(out), "--max-examples", "80", "--quiet"]) == 0
+    indices = [json.loads(line)["index"] for line in out.read_text().splitlines()]
+    assert indices == list(range(80))
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "digits" in report and "ε=0.5" in report
+    assert (tmp_path / "report" / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume of a finished run is a no-op that succeeds
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--epochz", "3"], "unknown config key(s) epochz; accepted:"),
+        (["train", "--epochs", "three"], "config key 'epochs' must be int; got 'three'"),
+        (["train", "--model", "resnet9000"], "unknown model 'resnet9000'; available: sll_mlp"),
+        (["train", "--dataset", "imagenet"], "imagenet"),
+        (["train", "--model_args.colour", "red"], "unknown option(s) colour for model 'sll_mlp'"),
+        (["report", "missing.jsonl", "--out", "x"], "missing.jsonl"),
+        (["certify", "--run", "nowhere", "--out", "x.jsonl"], "no checkpoint at nowhere"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, args, message):
+    args = [a if a != "x" else str(tmp_path / "x") for a in args]
+    if args[0] == "train":
+        args += ["--out", str(tmp_path / "run"), "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "stablenet.cli", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_negative_radius_and_truncated_checkpoint_keep_files_intact(tmp_path, trained_digits_run):
+    run = Path(trained_digits_run.run_dir)
+    out = tmp_path / "r.jsonl"
+    assert main(["certify", "--run", str(run), "--out", str(out), "--max-examples", "5", "--quiet"]) == 0
+    before = out.read_bytes()
+    proc = run_cli("report", out, "--out", tmp_path / "rep", "--radii", "0.5,-1")
+    assert proc.returncode == 2 and "radius must be >= 0" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:-100])
+    proc = run_cli("certify", "--run", broken, "--out", out, "--quiet")
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert out.read_bytes() == before
+
+
+def test_wrong_image_shape_is_a_clear_error(trained_digits_run):
+    import torch
+
+    with pytest.raises(
+        ValueError, match=r"expected inputs of shape \(N, 1, 8, 8\) with pixels in \[0, 1\]; got \(2, 3, 8, 8\)"
+    ):
+        trained_digits_run.model(torch.rand(2, 3, 8, 8))
+    with pytest.raises(
+        ValueError, match=r"expected inputs of shape \(N, 1, 8, 8\) with pixels in \[0, 1\]; got \(2, 1, 28, 28\)"
+    ):
+        trained_digits_run.model(torch.rand(2, 1, 28, 28))

@@ -1,0 +1,65 @@
+import csv
+
+import pytest
+import torch
+import yaml
+
+from stablenet import load_model
+from stablenet.train import TrainConfig, train
+
+
+def _config(out, **kw):
+    base = dict(
+        dataset="digits",
+        model_args={"width": 64, "depth": 2, "inner_width": 64},
+        epochs=4,
+        batch_size=128,
+        lr=0.003,
+        crop_padding=1,
+        device="cpu",
+        seed=3,
+        out=str(out),
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    full = train(_config(tmp_path / "full"), progress=False)
+
+    def kill_after_two(epoch, _row):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_config(tmp_path / "killed"), progress=False, callback=kill_after_two)
+    assert load_model(tmp_path / "killed") is not None  # the epoch-2 checkpoint is usable
+    resumed = train(_config(tmp_path / "killed"), resume=True, progress=False)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert [r["test_acc"] for r in resumed.metrics] == [r["test_acc"] for r in full.metrics]
+    with open(tmp_path / "killed" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+
+
+def test_run_directory_contents_and_learning(tmp_path):
+    result = train(_config(tmp_path / "run", epochs=6, crop_padding=0), progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved == _config(tmp_path / "run", epochs=6, crop_padding=0).to_dict()
+    assert result.metrics[-1]["test_acc"] > 0.75
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+
+
+def test_refuses_to_overwrite_and_checks_resume_config(tmp_path):
+    train(_config(tmp_path / "run", epochs=1), progress=False)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        train(_config(tmp_path / "run", epochs=1), progress=False)
+    with pytest.raises(ValueError, match="config differs from the saved one in epochs"):
+        train(_config(tmp_path / "run", epochs=2), resume=True, progress=False)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(_config(tmp_path / "other"), resume=True, progress=False)
