@@ -1,0 +1,392 @@
+r"""Spectral norms of convolutions: exact values, guaranteed upper bounds and lower estimates.
+
+The operator norm of a convolution depends on the padding and on the input size :math:`n`.
+
+* **Circular padding** (Sedghi et al. 2019): the 2-D DFT block-diagonalises the operator, so
+  :math:`\|C\| = \max_\omega \sigma_1(\hat K(\omega))` with :math:`\hat K` the DFT of the kernel zero-padded
+  to :math:`n \times n`. ``method="exact"`` takes batched SVDs; ``method="gram"`` runs the Gram iteration
+  batched over frequencies (an upper bound; Delattre et al. 2023).
+* **Zero padding**, ``method="gram"``: the *spatial* Gram iteration (Delattre et al. 2024, arXiv 2402.00240).
+  With :math:`G_1` the kernel of :math:`CC^\top` and :math:`G_t` that of :math:`(CC^\top)^{2^{t-1}}`,
+  :math:`\|C\|^{2^T} \le \max_i \sum_{j,p,q} |G_T[i,j,p,q]|` (Schur test on a self-adjoint convolution).
+  The bound holds for every :math:`n` and for both paddings. We compute the iterates in the Fourier domain
+  at the size :math:`N_T = 2^T(k-1)+1` that holds :math:`G_T` without aliasing (Note [spatial Gram memory]).
+* **Zero padding**, ``method="embed"``: the zero-padded operator on :math:`n` pixels is a submatrix of the
+  circular one on :math:`N = n + \max(p, 2p-k+1)` pixels (:math:`p` the padding; the wrap-around then only
+  reads padded zeros), so :math:`\|C_{\text{zeros},n}\| \le \|C_{\text{circ},N}\|`, bounded by the circular
+  Gram iteration. Tight for large :math:`n`; depends on :math:`n`.
+* ``method="exact"`` for zero padding or strides: the SVD of the explicit operator matrix (small inputs).
+* ``method="power"``: power iteration on the conv / transposed-conv pair, a **lower estimate**.
+
+Stride: subsampling is 1-Lipschitz, so unstrided bounds stay valid (possibly loose). Groups: the operator
+is block-diagonal, so the norm is the **max** over groups. Dilation: the kernel is dilated explicitly.
+Kernels of rank 3 are 1-D convolutions (treated as height-1 2-D ones).
+
+# Note [spatial Gram memory]
+The iterate :math:`G_T` is a ``c x c x N_T x N_T`` tensor, :math:`N_T` doubling with each iteration: with
+512 channels and a 3x3 kernel, :math:`T=6` needs tens of GB. We hold only the half spectrum (``rfft2``),
+square it in place, frequency chunk by chunk, and pick the largest :math:`T \le` ``n_iter`` whose spectrum
+fits ``max_memory_bytes``. The final inverse FFT is done for a block of rows at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stablenet.spectral.dense import GRAM_ROUNDING_SLACK, gram_iteration, power_iteration
+
+__all__ = [
+    "CONV_METHODS",
+    "DEFAULT_MAX_MEMORY_BYTES",
+    "circular_gram_bound",
+    "conv_operator",
+    "conv_operator_matrix",
+    "conv_spectral_norm",
+    "conv_spectral_norm_upper_bound",
+    "spatial_gram_bound",
+]
+
+PADDINGS = ("circular", "zeros")
+CONV_METHODS = {
+    "circular": ("auto", "exact", "gram", "power"),
+    "zeros": ("auto", "embed", "exact", "gram", "power"),
+}
+DEFAULT_MAX_MEMORY_BYTES = 1 << 30
+_EXPLICIT_MAX_ENTRIES = 1 << 24
+
+
+def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
+    out = (value,) * nd if isinstance(value, int) else tuple(value)
+    if len(out) != nd or not all(isinstance(v, int) and v >= 1 for v in out):
+        raise ValueError(f"{name} must be a positive int or a tuple of {nd} positive ints; got {value!r}")
+    return out
+
+
+class _Conv:
+    """A validated convolution: kernel as ``(groups, c_out/g, c_in/g, kh, kw)`` (dilated), sizes, paddings."""
+
+    def __init__(
+        self,
+        kernel: Tensor,
+        input_size: int | Sequence[int],
+        padding: str,
+        padding_size: int | Sequence[int] | str,
+        stride: int | Sequence[int],
+        dilation: int | Sequence[int],
+        groups: int,
+    ) -> None:
+        if not isinstance(kernel, Tensor) or kernel.dim() not in (3, 4):
+            shape = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
+            raise ValueError(
+                f"kernel must have shape (c_out, c_in/groups, kh, kw) or (c_out, c_in/groups, k); got {shape}"
+            )
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(map(repr, PADDINGS))}; got {padding!r}")
+        if not torch.isfinite(kernel).all():
+            raise ValueError("kernel contains NaN or Inf; a spectral norm needs finite weights")
+        self.one_d = kernel.dim() == 3
+        nd = 1 if self.one_d else 2
+        if self.one_d:
+            kernel = kernel.unsqueeze(-2)
+        size = _tuple(input_size, nd, "input_size")
+        stride_t = _tuple(stride, nd, "stride")
+        dil = _tuple(dilation, nd, "dilation")
+        if self.one_d:
+            size, stride_t, dil = (1, *size), (1, *stride_t), (1, *dil)
+        if not isinstance(groups, int) or groups < 1 or kernel.shape[0] % groups:
+            raise ValueError(f"groups must be a positive int dividing c_out={kernel.shape[0]}; got {groups!r}")
+        if any(d > 1 for d in dil):
+            c_out, c_in, kh, kw = kernel.shape
+            dilated = kernel.new_zeros(c_out, c_in, dil[0] * (kh - 1) + 1, dil[1] * (kw - 1) + 1)
+            dilated[:, :, :: dil[0], :: dil[1]] = kernel
+            kernel = dilated
+        k = tuple(kernel.shape[-2:])
+        if size[0] < k[0] or size[1] < k[1]:
+            raise ValueError(
+                f"input_size {tuple(size)} is smaller than the (dilated) kernel {k}; it must be at least that"
+            )
+        self.kernel = kernel
+        self.groups, self.size, self.stride, self.k, self.padding = groups, size, stride_t, k, padding
+        self.pads = self._pads(padding_size, nd)
+        self.c_out, self.c_in = kernel.shape[0], kernel.shape[1] * groups
+
+    def _pads(self, padding_size: int | Sequence[int] | str, nd: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(before, after) zero/circular padding per spatial dim, torch's conventions."""
+        if self.padding == "circular" and padding_size == "same":
+            padding_size = "same"
+        if padding_size == "same":
+            return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in self.k)  # type: ignore[return-value]
+        if padding_size == "valid":
+            return ((0, 0), (0, 0))
+        p = _tuple(padding_size, nd, "padding_size") if padding_size != 0 else (0,) * nd
+        if self.one_d:
+            p = (0, *p)
+        return tuple((v, v) for v in p)  # type: ignore[return-value]
+
+    @property
+    def grouped(self) -> Tensor:
+        g = self.groups
+        return self.kernel.reshape(g, self.kernel.shape[0] // g, *self.kernel.shape[1:])
+
+    def apply(self, x: Tensor) -> Tensor:
+        """The operator itself on a batch ``(B, c_in, h, w)``."""
+        (pt, pb), (pl, pr) = self.pads
+        mode = "circular" if self.padding == "circular" else "constant"
+        if any((pt, pb, pl, pr)):
+            x = F.pad(x, (pl, pr, pt, pb), mode=mode)
+        return F.conv2d(x, self.kernel.to(x.dtype), stride=self.stride, groups=self.groups)
+
+
+def conv_operator(
+    kernel: Tensor,
+    input_size: int | Sequence[int],
+    *,
+    padding: str = "zeros",
+    padding_size: int | Sequence[int] | str = "same",
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+):
+    """``(matvec, rmatvec, input_shape)`` of the convolution, for ``power_iteration`` and explicit matrices."""
+    conv = _Conv(kernel, input_size, padding, padding_size, stride, dilation, groups)
+    shape = (conv.c_in, *conv.size)
+    _, vjp = torch.func.vjp(lambda x: conv.apply(x[None])[0], kernel.new_zeros(shape))
+
+    def matvec(x: Tensor) -> Tensor:
+        return conv.apply(x[None])[0]
+
+    def rmatvec(y: Tensor) -> Tensor:
+        return vjp(y)[0]
+
+    return matvec, rmatvec, shape
+
+
+def conv_operator_matrix(kernel: Tensor, input_size: int | Sequence[int], **conv_args) -> Tensor:
+    """The explicit matrix of the convolution (rows: flattened outputs), by applying it to the identity basis."""
+    conv = _Conv(
+        kernel,
+        input_size,
+        conv_args.get("padding", "zeros"),
+        conv_args.get("padding_size", "same"),
+        conv_args.get("stride", 1),
+        conv_args.get("dilation", 1),
+        conv_args.get("groups", 1),
+    )
+    d_in = conv.c_in * conv.size[0] * conv.size[1]
+    out_numel = conv.apply(kernel.new_zeros(1, conv.c_in, *conv.size)).numel()
+    if d_in * out_numel > _EXPLICIT_MAX_ENTRIES:
+        raise ValueError(
+            f"the explicit operator would have {out_numel}x{d_in} entries (limit {_EXPLICIT_MAX_ENTRIES}); "
+            "use method='gram' or 'power' for this size"
+        )
+    eye = torch.eye(d_in, dtype=kernel.dtype, device=kernel.device).reshape(d_in, conv.c_in, *conv.size)
+    return conv.apply(eye).reshape(d_in, -1).T
+
+
+def _half_spectrum(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(g, H, W//2+1, c_out/g, c_in/g)`` DFT of the kernel zero-padded to ``size``."""
+    spec = torch.fft.rfft2(kernel5, s=size)
+    return spec.permute(0, 3, 4, 1, 2)
+
+
+def circular_gram_bound(kernel5: Tensor, size: tuple[int, int], n_iter: int) -> Tensor:
+    """Max over frequencies (and groups) of the Gram bound of :math:`\\hat K(\\omega)`; an upper bound."""
+    return gram_iteration(_half_spectrum(kernel5, size), n_iter).amax()
+
+
+def _circular_exact(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
+    return torch.linalg.svdvals(_half_spectrum(kernel5, size))[..., 0].amax()
+
+
+def _spatial_iterations(kernel5: Tensor, n_iter: int, max_memory_bytes: int) -> int:
+    c = min(kernel5.shape[1], kernel5.shape[2])
+    kh, kw = kernel5.shape[-2:]
+    item = 2 * kernel5.element_size()  # complex
+    for t in range(n_iter, 0, -1):
+        nh, nw = 2**t * (kh - 1) + 1, 2**t * (kw - 1) + 1
+        if kernel5.shape[0] * nh * (nw // 2 + 1) * c * c * item <= max_memory_bytes:
+            return t
+    return 1
+
+
+def spatial_gram_bound(kernel5: Tensor, n_iter: int, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES) -> Tensor:
+    r"""Input-size-independent upper bound on a convolution's norm (zero or circular padding, any ``n``).
+
+    Args:
+        kernel5: ``(groups, c_out/g, c_in/g, kh, kw)``.
+        n_iter: the largest number of iterations to use; fewer are used when the spectrum would exceed
+            ``max_memory_bytes`` (see Note [spatial Gram memory]).
+
+    Returns:
+        The bound (max over groups), differentiable in the kernel.
+    """
+    t_iter = _spatial_iterations(kernel5, n_iter, max_memory_bytes)
+    kh, kw = kernel5.shape[-2:]
+    size = (2**t_iter * (kh - 1) + 1, 2**t_iter * (kw - 1) + 1)
+    spec = _half_spectrum(kernel5, size)  # (g, H, W', co, ci)
+    if spec.shape[-1] < spec.shape[-2]:
+        spec = spec.mH  # work on the smaller Gram side: ||C|| = ||C^T||
+    g = spec.shape[0]
+    # Global (per group) rescaling: one scalar for all frequencies keeps the inverse DFT meaningful.
+    c0 = torch.linalg.matrix_norm(spec.detach(), "fro").reshape(g, -1).amax(dim=1).clamp_min(1e-300)
+    spec = spec / c0.view(g, 1, 1, 1, 1).to(spec.dtype)
+    log_scale = 2.0 * torch.log(c0)
+    m = spec @ spec.mH  # symbol of C C^T, kernel G_1
+    for _ in range(t_iter - 1):
+        c = torch.linalg.matrix_norm(m.detach(), "fro").reshape(g, -1).amax(dim=1).clamp_min(1e-300)
+        m = m / c.view(g, 1, 1, 1, 1).to(m.dtype)
+        log_scale = 2.0 * (log_scale + torch.log(c))
+        m = m @ m if torch.is_grad_enabled() and m.requires_grad else _square_in_place(m)
+    # Back to space: G_T of shape (g, c, c, H, W); row sums of |G_T| in blocks of rows.
+    rowsums = []
+    for rows in torch.split(torch.arange(m.shape[-2], device=m.device), 64):
+        block = m[..., rows, :].permute(0, 3, 4, 1, 2)
+        spatial = torch.fft.irfft2(block, s=size)
+        rowsums.append(spatial.abs().sum(dim=(2, 3, 4)))
+    rowsum = torch.cat(rowsums, dim=1).amax(dim=1)
+    exponent = 2.0**-t_iter
+    return (rowsum.pow(exponent) * torch.exp(log_scale * exponent)).amax()
+
+
+def _square_in_place(m: Tensor, chunk: int = 16) -> Tensor:
+    flat = m.reshape(-1, *m.shape[-2:])
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start : start + chunk]
+        part.copy_(part @ part)
+    return m
+
+
+def _embedding_size(conv: _Conv) -> tuple[int, int]:
+    """Smallest circular size containing the zero-padded operator as a submatrix (see module docstring)."""
+    out = []
+    for n, k, (before, after) in zip(conv.size, conv.k, conv.pads, strict=True):
+        p = max(before, after)
+        out.append(n + max(p, 2 * p - k + 1, 0))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _default_iters(method: str, padding: str) -> int:
+    return 4 if (method == "gram" and padding == "zeros") else 6
+
+
+def conv_spectral_norm(
+    kernel: Tensor,
+    input_size: int | Sequence[int],
+    padding: str = "circular",
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    method: str = "auto",
+    n_iter: int | None = None,
+    *,
+    padding_size: int | Sequence[int] | str = "same",
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Operator norm of a 2-D (or 1-D) convolution, by the chosen method, in the kernel's dtype.
+
+    Args:
+        kernel: ``(c_out, c_in/groups, kh, kw)`` or ``(c_out, c_in/groups, k)``.
+        input_size: spatial input size ``(h, w)``, ``(n,)`` or an int.
+        padding: ``"circular"`` or ``"zeros"``.
+        stride, dilation, groups: as in ``torch.nn.Conv2d``.
+        method: ``"exact"``, ``"gram"`` (upper bound), ``"embed"`` (zeros only, upper bound), ``"power"``
+            (lower estimate) or ``"auto"`` (the exact FFT for small circular problems, else an upper bound).
+        n_iter: iterations (default 6 for circular Gram and embed, 4 for spatial Gram, 100 for power).
+        padding_size: torch's numeric padding (``"same"``, ``"valid"``, an int or a tuple); only the
+            explicit operator and the embedding size use it.
+        max_memory_bytes: spectrum budget of the spatial Gram iteration.
+        generator: for the power iteration's start.
+
+    Returns:
+        A 0-dim tensor; differentiable for ``"gram"`` and ``"embed"``.
+
+    Example:
+        >>> k = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+        >>> exact = conv_spectral_norm(k, 8, "zeros", method="exact")
+        >>> bool(conv_spectral_norm(k, 8, "zeros", method="gram") >= exact)
+        True
+    """
+    conv = _Conv(kernel, input_size, padding, padding_size, stride, dilation, groups)
+    if method not in CONV_METHODS[padding]:
+        raise ValueError(
+            f"method for padding {padding!r} must be one of {', '.join(CONV_METHODS[padding])}; got {method!r}"
+        )
+    strided = any(s > 1 for s in conv.stride)
+    if method == "auto":
+        small = conv.size[0] * conv.size[1] * min(conv.c_in, conv.c_out) ** 2 <= 1 << 16
+        method = (
+            "exact"
+            if (padding == "circular" and small and not strided)
+            else ("gram" if padding == "circular" else "embed")
+        )
+    if method == "power":
+        matvec, rmatvec, shape = conv_operator(
+            kernel,
+            input_size,
+            padding=padding,
+            padding_size=padding_size,
+            stride=stride,
+            dilation=dilation,
+            groups=groups,
+        )
+        sigma, _, _ = power_iteration((matvec, rmatvec), n_iter or 100, input_shape=shape, generator=generator)
+        return sigma
+    if method == "exact":
+        if padding == "circular" and not strided:
+            return _circular_exact(conv.grouped, conv.size)
+        matrix = conv_operator_matrix(
+            kernel,
+            input_size,
+            padding=padding,
+            padding_size=padding_size,
+            stride=stride,
+            dilation=dilation,
+            groups=groups,
+        )
+        return torch.linalg.matrix_norm(matrix, 2)
+    iters = n_iter or _default_iters(method, padding)
+    if n_iter is not None and n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1; got {n_iter}")
+    if method == "gram" and padding == "circular":
+        return circular_gram_bound(conv.grouped, conv.size, iters)
+    if method == "embed":
+        return circular_gram_bound(conv.grouped, _embedding_size(conv), iters)
+    return spatial_gram_bound(conv.grouped, iters, max_memory_bytes)
+
+
+def conv_spectral_norm_upper_bound(
+    kernel: Tensor,
+    input_size: int | Sequence[int],
+    *,
+    padding: str = "zeros",
+    padding_size: int | Sequence[int] | str = "same",
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    method: str = "auto",
+    n_iter: int | None = None,
+) -> float:
+    """A certified upper bound: an upper-bound method in float64, times ``1 + GRAM_ROUNDING_SLACK``.
+
+    ``method="auto"`` is the circular-embedding bound for zero padding (tighter and cheaper than the spatial
+    Gram bound at every input size we benchmarked) and the circular Gram bound for circular padding.
+    """
+    allowed = ("auto", "gram", "embed") if padding == "zeros" else ("auto", "gram")
+    if method not in allowed:
+        raise ValueError(
+            f"a certified bound for padding {padding!r} needs method in {', '.join(allowed)}; got {method!r}"
+        )
+    with torch.no_grad():
+        k64 = kernel.detach().to(torch.float64)
+        args = dict(
+            padding=padding, stride=stride, dilation=dilation, groups=groups, n_iter=n_iter, padding_size=padding_size
+        )
+        if method == "auto":
+            method = "embed" if padding == "zeros" else "gram"
+        value = float(conv_spectral_norm(k64, input_size, method=method, **args))
+    return value * (1.0 + GRAM_ROUNDING_SLACK)
