@@ -58,6 +58,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--radii", default=None, help="comma-separated radii, e.g. 0.5,1,1.58")
     p.add_argument("--names", default=None, help="comma-separated curve names, one per file")
 
+    p = sub.add_parser(
+        "lipschitz",
+        allow_abbrev=False,
+        help="certified upper and empirical lower bounds on a model's Lipschitz constant",
+        description="Bound the l2 Lipschitz constant of a trained run or of a registry model: the certified upper "
+        "bound (product of per-layer bounds, listed) and an empirical lower bound from Jacobians at sample inputs.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (holding model.safetensors); inputs: its test images")
+    source.add_argument("--model", help="registry model name (untrained); inputs: uniform random in [0, 1]")
+    p.add_argument("--num-classes", type=int, default=10, help="with --model (default 10)")
+    p.add_argument("--in-channels", type=int, default=1, help="with --model (default 1)")
+    p.add_argument("--input-size", type=int, default=28, help="with --model: image height and width (default 28)")
+    p.add_argument("--num-inputs", type=int, default=64, help="inputs for the lower bound (default 64)")
+    p.add_argument("--data-root", default=None, help="with --run: directory holding the data set files")
+    p.add_argument("--seed", type=int, default=0, help="random seed (untrained weights, inputs, lower bound)")
+    p.add_argument("--json", default=None, help="also write the bounds to this JSON file")
+    _add_quiet(p)
+
+    p = sub.add_parser("bench", allow_abbrev=False, help="benchmarks (timings and tightness as JSON rows)")
+    p.add_argument("suite", choices=["spectral"], help="which benchmark")
+    p.add_argument("--quick", action="store_true", help="a subset of layers, one repeat")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
+    p.add_argument("--json", default=None, help="write the rows to this JSON Lines file")
+    _add_quiet(p)
+
     p = sub.add_parser("demo", allow_abbrev=False, help="train, certify and report on the bundled digits data")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     _add_quiet(p)
@@ -122,6 +149,75 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lipschitz(args: argparse.Namespace) -> int:
+    import torch
+
+    from stablenet.io import atomic_write_json
+    from stablenet.spectral.network import layer_lipschitz_bounds, lipschitz_lower_bound, lipschitz_upper_bound
+
+    if args.num_inputs < 1:
+        raise ValueError(f"--num-inputs must be >= 1; got {args.num_inputs}")
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.run is not None:
+        from stablenet.data import load_dataset
+        from stablenet.train.checkpoint import load_model, read_model_metadata
+
+        meta = read_model_metadata(args.run)
+        model = load_model(args.run)
+        input_shape = (int(meta["in_channels"]), *(int(s) for s in meta["input_size"]))
+        if "dataset" not in meta:
+            raise ValueError(f"checkpoint {args.run} does not name its data set; use --model for random inputs")
+        inputs = load_dataset(meta["dataset"], "test", root=args.data_root).images[: args.num_inputs]
+        source = f"{len(inputs)} {meta['dataset']} test images"
+    else:
+        from stablenet.models import create_model
+
+        input_shape = (args.in_channels, args.input_size, args.input_size)
+        torch.manual_seed(args.seed)  # the untrained model's weights
+        model = create_model(args.model, args.num_classes, args.in_channels, args.input_size).eval()
+        inputs = torch.rand((args.num_inputs, *input_shape), generator=generator)
+        source = f"{len(inputs)} uniform random inputs in [0, 1]"
+    layers = layer_lipschitz_bounds(model, input_shape)
+    upper = lipschitz_upper_bound(model, input_shape)
+    lower = lipschitz_lower_bound(model, inputs, generator=generator)
+    print(f"upper bound (certified): {upper:.6g}")
+    print(f"lower bound (empirical, {source}): {lower:.6g}")
+    width = max([len("layer"), *(len(name) for name, _ in layers)])
+    print(f"{'layer':<{width}}  bound")
+    for name, bound in layers:
+        print(f"{name:<{width}}  {bound:.6g}")
+    if args.json is not None:
+        record = {
+            "upper": upper,
+            "lower": lower,
+            "layers": [{"name": name, "bound": bound} for name, bound in layers],
+            "input_shape": list(input_shape),
+        }
+        print(f"bounds: {atomic_write_json(args.json, record)}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stablenet.bench.spectral import bench_spectral, write_rows
+    from stablenet.train.trainer import resolve_device
+
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
+    rows = bench_spectral(
+        quick=args.quick,
+        device=resolve_device(args.device),
+        repeats=args.repeats,
+        progress=None if args.quiet else lambda line: print(line, flush=True),
+    )
+    print(f"{'layer':44s} {'method':26s} {'ratio':>9s} {'time_ms':>10s}")
+    for row in rows:
+        print(f"{row['layer']:44s} {row['method']:26s} {row['ratio']:9.5f} {row['time_ms']:10.2f}")
+    if args.json:
+        write_rows(rows, args.json)
+        print(f"rows: {args.json}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from stablenet.certify.records import read_records
     from stablenet.certify.report import STANDARD_RADII, certified_accuracy
@@ -152,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": lambda: _train(args, extra),
         "certify": lambda: _certify(args),
         "report": lambda: _report(args),
+        "lipschitz": lambda: _lipschitz(args),
+        "bench": lambda: _bench(args),
         "demo": lambda: _demo(args),
     }
     try:

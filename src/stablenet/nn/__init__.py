@@ -4,6 +4,7 @@ from stablenet.nn.activations import GroupSort, MaxMin
 from stablenet.nn.base import LAYER_ROUNDING_SLACK
 from stablenet.nn.lln import LinearNormalized
 from stablenet.nn.preprocess import ChannelPad, InputNormalization
+from stablenet.nn.residual import Residual
 from stablenet.nn.sll import SLLLinear
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "InputNormalization",
     "LinearNormalized",
     "MaxMin",
+    "Residual",
     "SLLLinear",
 ]

@@ -1,0 +1,190 @@
+"""``stablenet bench spectral``: every spectral-norm method on ResNet-18's convolutions and a CIFAR layer.
+
+One JSON row per (method, layer): ``method, layer, shape, padding, input_size, value, reference, ratio,
+time_ms, device`` (plus ``n_iter`` and ``peak_mem_mb`` where measured). ``reference`` is the exact value where
+computable (circular: FFT + SVD), else the 200-step power iteration (a lower estimate, so ratios against
+it overstate the gap). Times are medians of ``repeats`` runs after one warm-up. Kernels are Kaiming-normal
+with a fixed seed. Strided layers are measured on their unstrided operator (the bounds ignore stride).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from stablenet.bench.baselines import araujo_bound, reshaped_kernel_norm, singla_feizi_bound
+from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound
+
+__all__ = ["RESNET18_CONVS", "ConvShape", "bench_spectral", "resnet18_bound_time", "write_rows"]
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    name: str
+    c_out: int
+    c_in: int
+    k: int
+    input_size: int
+    stride: int = 1
+
+
+def _resnet18() -> list[ConvShape]:
+    shapes = [ConvShape("conv1", 64, 3, 7, 224, 2)]
+    shapes += [ConvShape(f"layer1.{i}", 64, 64, 3, 56) for i in range(4)]
+    for stage, (c, n) in enumerate([(128, 28), (256, 14), (512, 7)], start=2):
+        shapes.append(ConvShape(f"layer{stage}.0.conv1", c, c // 2, 3, 2 * n, 2))
+        shapes += [ConvShape(f"layer{stage}.{i}", c, c, 3, n) for i in range(3)]
+        shapes.append(ConvShape(f"layer{stage}.0.downsample", c, c // 2, 1, 2 * n, 2))
+    return shapes
+
+
+RESNET18_CONVS = _resnet18()
+CIFAR_LAYER = ConvShape("cifar.64x64@32", 64, 64, 3, 32)
+
+
+def _kernel(shape: ConvShape, device: torch.device, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    fan_in = shape.c_in * shape.k * shape.k
+    w = torch.randn(shape.c_out, shape.c_in, shape.k, shape.k, generator=g) * math.sqrt(2.0 / fan_in)
+    return w.to(device)
+
+
+def _timed(fn: Callable[[], Tensor | float], repeats: int, device: torch.device) -> tuple[float, float]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    value = float(fn())  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        value = float(fn())
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return value, statistics.median(times)
+
+
+def _methods(shape: ConvShape, kernel: Tensor, quick: bool) -> dict[str, tuple[str, Callable[[], Tensor | float]]]:
+    n = shape.input_size
+    k64 = kernel.double()
+    methods: dict[str, tuple[str, Callable[[], Tensor | float]]] = {
+        "circular_exact_svd": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="exact")),
+        "circular_gram": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="gram")),
+        "circular_gram_certified": ("circular", lambda: conv_spectral_norm_upper_bound(k64, n, padding="circular")),
+        "circular_power100": (
+            "circular",
+            lambda: conv_spectral_norm(kernel, n, "circular", method="power", n_iter=100),
+        ),
+        "zeros_embed_certified": ("zeros", lambda: conv_spectral_norm_upper_bound(k64, n, padding="zeros")),
+        "zeros_embed": ("zeros", lambda: conv_spectral_norm(kernel, n, "zeros", method="embed")),
+        "zeros_spatial_gram": ("zeros", lambda: conv_spectral_norm(kernel, n, "zeros", method="gram", n_iter=4)),
+        "zeros_power100": ("zeros", lambda: conv_spectral_norm(kernel, n, "zeros", method="power", n_iter=100)),
+        "baseline_reshaped_kernel": ("zeros", lambda: reshaped_kernel_norm(kernel)),
+        "baseline_singla_feizi": ("zeros", lambda: singla_feizi_bound(kernel)),
+        "baseline_araujo": ("zeros", lambda: araujo_bound(kernel)),
+    }
+    if quick:
+        for slow in ("circular_power100", "zeros_power100", "circular_gram_certified"):
+            methods.pop(slow)
+    return methods
+
+
+def bench_spectral(
+    *,
+    quick: bool = False,
+    device: str | torch.device = "cpu",
+    repeats: int | None = None,
+    seed: int = 0,
+    layers: list[ConvShape] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run the benchmark and return its rows (see the module docstring)."""
+    device = torch.device(device)
+    repeats = repeats or (1 if quick else 5)
+    shapes = layers or (
+        [*RESNET18_CONVS, CIFAR_LAYER]
+        if not quick
+        else [
+            RESNET18_CONVS[0],
+            RESNET18_CONVS[1],
+            RESNET18_CONVS[6],
+            RESNET18_CONVS[11],
+            RESNET18_CONVS[16],
+            CIFAR_LAYER,
+        ]
+    )
+    rows: list[dict] = []
+    for i, shape in enumerate(shapes):
+        kernel = _kernel(shape, device, seed + i)
+        n = shape.input_size
+        with torch.no_grad():
+            reference = {
+                "circular": float(conv_spectral_norm(kernel.double(), n, "circular", method="exact")),
+                "zeros": float(
+                    conv_spectral_norm(
+                        kernel.double(),
+                        n,
+                        "zeros",
+                        method="power",
+                        n_iter=200,
+                        generator=torch.Generator().manual_seed(seed),
+                    )
+                ),
+            }
+            for method, (padding, fn) in _methods(shape, kernel, quick).items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                value, ms = _timed(fn, repeats, device)
+                row = {
+                    "method": method,
+                    "layer": shape.name + (f" (stride {shape.stride}, unstrided operator)" if shape.stride > 1 else ""),
+                    "shape": [shape.c_out, shape.c_in, shape.k, shape.k],
+                    "padding": padding,
+                    "input_size": n,
+                    "value": value,
+                    "reference": reference[padding],
+                    "reference_kind": "exact" if padding == "circular" else "power200_lower_estimate",
+                    "ratio": value / reference[padding],
+                    "time_ms": ms,
+                    "device": str(device),
+                }
+                if device.type == "cuda":
+                    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                rows.append(row)
+                if progress is not None:
+                    progress(f"{shape.name:28s} {method:26s} ratio {row['ratio']:.5f}  {ms:9.2f} ms")
+    return rows
+
+
+def resnet18_bound_time(device: str | torch.device = "cpu", method: str = "auto", seed: int = 0) -> dict:
+    """Time and peak memory of the certified zero-padding bound over all 20 ResNet-18 convolutions."""
+    device = torch.device(device)
+    kernels = [_kernel(s, device, seed + i) for i, s in enumerate(RESNET18_CONVS)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    values = [
+        conv_spectral_norm_upper_bound(k, s.input_size, padding="zeros", method=method)
+        for k, s in zip(kernels, RESNET18_CONVS, strict=True)
+    ]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    out = {"method": method, "total_ms": (time.perf_counter() - t0) * 1e3, "device": str(device), "values": values}
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+    from stablenet.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
