@@ -161,3 +161,8 @@ def test_bad_input(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         conv_spectral_norm(**args)
+
+
+def test_power_iteration_keeps_kernel_dtype():
+    kernel = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    assert conv_spectral_norm(kernel, 6, "zeros", method="power", n_iter=5).dtype == torch.float64

@@ -342,7 +342,14 @@ def conv_spectral_norm(
             dilation=dilation,
             groups=groups,
         )
-        sigma, _, _ = power_iteration((matvec, rmatvec), n_iter or 100, input_shape=shape, generator=generator)
+        sigma, _, _ = power_iteration(
+            (matvec, rmatvec),
+            n_iter or 100,
+            input_shape=shape,
+            generator=generator,
+            device=kernel.device,
+            dtype=kernel.dtype,
+        )
         return sigma
     if method == "exact":
         if padding == "circular" and not strided:

@@ -129,6 +129,8 @@ def power_iteration(
     v: Tensor | None = None,
     input_shape: tuple[int, ...] | None = None,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Power iteration on :math:`A^H A`: a **lower estimate** of :math:`\sigma_1`. Never certify with it.
 
@@ -140,7 +142,8 @@ def power_iteration(
         n_iter: iterations.
         u, v: persistent state from a previous call (warm start). ``v`` has the input shape.
         input_shape: shape of an input for an operator pair without ``v``.
-        generator: random generator for the initial ``v``.
+        generator: random generator for the initial ``v`` (drawn on the CPU, then moved).
+        device, dtype: of the initial ``v`` for an operator pair without ``v`` (default: torch's defaults).
 
     Returns:
         ``(sigma, u, v)``: the estimate (a scalar tensor, :math:`\le \sigma_1` up to rounding), and the
@@ -157,8 +160,8 @@ def power_iteration(
         if v is None and input_shape is None:
             raise ValueError("an operator pair needs v or input_shape to start the power iteration")
         shape = tuple(v.shape) if v is not None else tuple(input_shape)
-        dtype = v.dtype if v is not None else torch.get_default_dtype()
-        device = v.device if v is not None else None
+        dtype = v.dtype if v is not None else (dtype or torch.get_default_dtype())
+        device = v.device if v is not None else device
     if v is None:
         v = torch.randn(shape, dtype=dtype, device="cpu", generator=generator).to(device)
     v = v / v.norm().clamp_min(torch.finfo(v.real.dtype).tiny)
