@@ -76,7 +76,7 @@ def _methods(shape: ConvShape, kernel: Tensor, quick: bool) -> dict[str, tuple[s
     n = shape.input_size
     k64 = kernel.double()
     methods: dict[str, tuple[str, Callable[[], Tensor | float]]] = {
-        "circular_exact_svd": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="exact")),
+        "circular_exact": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="exact")),
         "circular_gram": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="gram")),
         "circular_gram_certified": ("circular", lambda: conv_spectral_norm_upper_bound(k64, n, padding="circular")),
         "circular_power100": (
