@@ -105,3 +105,11 @@ def test_bad_input():
         gram_iteration(torch.ones(3, 3), 0)
     with pytest.raises(ValueError, match="needs v or input_shape"):
         power_iteration((lambda x: x, lambda x: x))
+
+
+def test_gram_accepts_an_operator_pair():
+    w = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    from_pair = gram_iteration((lambda x: w @ x, lambda y: w.T @ y), 6, input_shape=(5,))
+    assert torch.isclose(from_pair, gram_iteration(w, 6), rtol=1e-12)
+    with pytest.raises(ValueError, match="needs input_shape"):
+        gram_iteration((lambda x: x, lambda y: y))

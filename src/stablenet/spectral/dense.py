@@ -15,6 +15,7 @@ Which one to use:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,7 +23,9 @@ from torch import Tensor
 
 __all__ = [
     "GRAM_ROUNDING_SLACK",
+    "Operator",
     "gram_iteration",
+    "operator_matrix",
     "power_iteration",
     "spectral_norm_exact",
     "spectral_norm_upper_bound",
@@ -34,14 +37,39 @@ __all__ = [
 #: matrix we handle (``n <= 1e5``, ``T <= 12``). Tested in ``tests/spectral/test_dense.py``.
 GRAM_ROUNDING_SLACK = 1e-9
 
+#: A matrix, or a ``(matvec, rmatvec)`` pair applying a linear operator and its adjoint.
+Operator = Tensor | tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]
+
 
 def spectral_norm_exact(weight: Tensor) -> Tensor:
     """Largest singular value by SVD, batched over leading dimensions."""
     return torch.linalg.matrix_norm(weight, ord=2)
 
 
+def operator_matrix(
+    matvec: Callable[[Tensor], Tensor],
+    input_shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    max_entries: int = 1 << 24,
+) -> Tensor:
+    """The explicit ``(output numel, input numel)`` matrix of a linear ``matvec``, from the identity basis."""
+    d_in = math.prod(input_shape)
+    eye = torch.eye(d_in, dtype=dtype or torch.get_default_dtype(), device=device)
+    columns = torch.stack([matvec(e.reshape(input_shape)).reshape(-1) for e in eye], dim=1)
+    if columns.numel() > max_entries:
+        raise ValueError(f"the explicit operator has {tuple(columns.shape)} entries, over the limit {max_entries}")
+    return columns
+
+
 def gram_iteration(
-    weight: Tensor, n_iter: int = 6, *, detach_normalizers: bool = True, tol: float | None = None
+    weight: Tensor | Operator,
+    n_iter: int = 6,
+    *,
+    detach_normalizers: bool = True,
+    tol: float | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Tensor:
     r"""Upper bound on the spectral norm by Gram iteration (Delattre et al., ICML 2023, arXiv 2305.16173).
 
@@ -56,7 +84,9 @@ def gram_iteration(
     overflow. The Gram side is the smaller of ``m, n``.
 
     Args:
-        weight: ``(..., m, n)`` real or complex matrices.
+        weight: ``(..., m, n)`` real or complex matrices, or a ``(matvec, rmatvec)`` operator pair with
+            ``input_shape``: Gram iteration squares the matrix, so the operator is materialised first
+            (small operators only; :func:`operator_matrix`).
         n_iter: number of squarings ``T >= 1``.
         detach_normalizers: detach the rescaling factors ``c_t`` from autograd (exact, as the value is
             1-homogeneous in ``W``; cheaper backward).
@@ -73,6 +103,10 @@ def gram_iteration(
         >>> bool(gram_iteration(w) >= torch.linalg.matrix_norm(w, 2))
         True
     """
+    if not isinstance(weight, Tensor):
+        if input_shape is None:
+            raise ValueError("an operator pair needs input_shape for the Gram iteration")
+        weight = operator_matrix(weight[0], tuple(input_shape), dtype=torch.float64)
     if weight.dim() < 2:
         raise ValueError(f"weight must have at least 2 dimensions (..., m, n); got shape {tuple(weight.shape)}")
     if n_iter < 1:
@@ -116,9 +150,6 @@ def spectral_norm_upper_bound(weight: Tensor, n_iter: int = 8) -> Tensor:
     with torch.no_grad():
         w64 = weight.detach().to(torch.complex128 if weight.is_complex() else torch.float64)
         return gram_iteration(w64, n_iter) * (1.0 + GRAM_ROUNDING_SLACK)
-
-
-Operator = Tensor | tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]
 
 
 def power_iteration(
