@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", allow_abbrev=False, help="certify a trained run, one JSON record per example")
     p.add_argument("--run", required=True, help="run directory (holding model.safetensors)")
-    p.add_argument("--method", default="lipschitz", help="certification method (lipschitz)")
+    p.add_argument("--method", default="lipschitz", help="lipschitz, smoothing (Cohen et al.), lvm-rs or cpm")
+    p.add_argument("--sigma", type=float, default=None, help="smoothing noise level (randomized methods)")
+    p.add_argument("--n0", type=int, default=100, help="selection samples per image (randomized methods)")
+    p.add_argument("--n", type=int, default=100_000, help="estimation samples per image (randomized methods)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability per certificate")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (randomized methods)")
     p.add_argument("--form", default="auto", help="Lipschitz certificate form: auto, generic, lln")
     p.add_argument("--out", required=True, help="JSON Lines output; existing indices are skipped")
     p.add_argument("--split", default="test", help="data split to certify (train or test)")
@@ -77,8 +82,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the bounds to this JSON file")
     _add_quiet(p)
 
+    p = sub.add_parser(
+        "verify",
+        allow_abbrev=False,
+        help="attack certified predictions; exit 1 if any changed inside its certified radius",
+        description="Attack every certified record (PGD in l2 at 0.99 x its radius) and count the predictions "
+        "that change. Exit status 0: none changed; 1: some did, which for a deterministic certificate "
+        "(lipschitz) is a real failure, a wrong certificate, and for randomized smoothing is strong evidence "
+        "of one (an empirical check through the Monte-Carlo expectation); 2: bad input.",
+    )
+    p.add_argument("--run", required=True, help="run directory (holding model.safetensors)")
+    p.add_argument("--records", required=True, help="JSON Lines record file (with its .meta.json sidecar)")
+    p.add_argument("--attack", default="pgd", help="attack (pgd)")
+    p.add_argument("--restarts", type=int, default=3, help="random restarts per example (default 3)")
+    p.add_argument("--steps", type=int, default=50, help="gradient steps per restart (default 50)")
+    p.add_argument("--max-examples", type=int, default=None, help="attack at most M certified records")
+    p.add_argument("--batch-size", type=int, default=256, help="examples attacked together (default 256)")
+    p.add_argument("--data-root", default=None, help="directory holding the data set files")
+    p.add_argument(
+        "--smoothing-n", type=int, default=None, help="noisy samples of the smoothed predict (default: the records' n)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for random starts and noise (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _add_quiet(p)
+
     p = sub.add_parser("bench", allow_abbrev=False, help="benchmarks (timings and tightness as JSON rows)")
-    p.add_argument("suite", choices=["spectral"], help="which benchmark")
+    p.add_argument("suite", choices=["spectral", "smoothing"], help="which benchmark")
     p.add_argument("--quick", action="store_true", help="a subset of layers, one repeat")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
@@ -111,13 +141,19 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from stablenet.certify.run import certify_run
+    from stablenet.certify.run import SMOOTHING_METHODS, SmoothingParams, certify_run
     from stablenet.train.trainer import resolve_device
 
+    smoothing = None
+    if args.method in SMOOTHING_METHODS:
+        if args.sigma is None:
+            raise ValueError(f"--method {args.method} needs --sigma (the noise level the base model was trained for)")
+        smoothing = SmoothingParams(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed)
     out = certify_run(
         args.run,
         args.out,
         method=args.method,
+        smoothing=smoothing,
         form=args.form,
         split=args.split,
         data_root=args.data_root,
@@ -127,7 +163,8 @@ def _certify(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         progress=not args.quiet,
     )
-    print(f"records: {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports the merged file
+        print(f"records: {out}")
     return 0
 
 
@@ -197,12 +234,68 @@ def _lipschitz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from stablenet.certify.verify import verify_run
+    from stablenet.io import atomic_write_json
+    from stablenet.train.trainer import resolve_device
+
+    result = verify_run(
+        args.run,
+        args.records,
+        attack=args.attack,
+        restarts=args.restarts,
+        steps=args.steps,
+        max_examples=args.max_examples,
+        device=resolve_device(args.device),
+        batch_size=args.batch_size,
+        data_root=args.data_root,
+        smoothing_n=args.smoothing_n,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    kind = "empirical check of randomized certificates" if result.empirical else "deterministic certificates"
+    print(f"method: {result.method} ({kind})")
+    print(f"certified: {result.n_certified} of {result.n_records} records")
+    print(f"attacked: {result.n_attacked} (PGD l2, {args.restarts} restarts x {args.steps} steps, 0.99 x radius)")
+    print(f"broken: {result.n_broken}")
+    if result.broken_indices:
+        print(f"broken indices: {', '.join(str(i) for i in result.broken_indices)}")
+    if args.json is not None:
+        print(f"result: {atomic_write_json(args.json, result.to_dict())}")
+    return 0 if result.ok else 1
+
+
+def _bench_smoothing(args: argparse.Namespace) -> int:
+    from stablenet.bench.smoothing import bench_smoothing
+    from stablenet.bench.spectral import write_rows
+    from stablenet.train.trainer import resolve_device
+
+    rows = bench_smoothing(
+        quick=args.quick,
+        device=resolve_device(args.device),
+        repeats=args.repeats,
+        progress=None if args.quiet else lambda line: print(line, flush=True),
+    )
+    print(f"{'model':12s} {'n':>8s} {'batch':>6s} {'samples/s':>12s} {'plain/s':>12s} {'ratio':>7s}")
+    for row in rows:
+        print(
+            f"{row['model']:12s} {row['n']:8d} {row['batch_size']:6d} {row['samples_per_s']:12.4g} "
+            f"{row['plain_samples_per_s']:12.4g} {row['ratio']:7.3f}"
+        )
+    if args.json:
+        write_rows(rows, args.json)
+        print(f"rows: {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from stablenet.bench.spectral import bench_spectral, write_rows
     from stablenet.train.trainer import resolve_device
 
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
+    if args.suite == "smoothing":
+        return _bench_smoothing(args)
     rows = bench_spectral(
         quick=args.quick,
         device=resolve_device(args.device),
@@ -249,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "certify": lambda: _certify(args),
         "report": lambda: _report(args),
         "lipschitz": lambda: _lipschitz(args),
+        "verify": lambda: _verify(args),
         "bench": lambda: _bench(args),
         "demo": lambda: _demo(args),
     }

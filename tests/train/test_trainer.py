@@ -63,3 +63,20 @@ def test_refuses_to_overwrite_and_checks_resume_config(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
     with pytest.raises(ValueError, match="cannot resume"):
         train(_config(tmp_path / "other"), resume=True, progress=False)
+
+
+def test_noise_augmentation_trains_and_resumes_exactly(tmp_path):
+    config = dict(model="lenet", model_args={"width": 4, "hidden": 16}, noise_sigma=0.25, epochs=3, crop_padding=0)
+    full = train(_config(tmp_path / "full", **config), progress=False)
+
+    def kill_after_one(epoch, _row):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_config(tmp_path / "killed", **config), progress=False, callback=kill_after_one)
+    resumed = train(_config(tmp_path / "killed", **config), resume=True, progress=False)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    clean = train(_config(tmp_path / "clean", **{**config, "noise_sigma": 0.0}), progress=False)
+    assert not torch.equal(clean.model[1].weight, full.model[1].weight)  # the noise changed training

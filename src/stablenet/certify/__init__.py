@@ -8,16 +8,18 @@ from stablenet.certify.lipschitz import (
 )
 from stablenet.certify.records import ABSTAIN, RECORD_FIELDS, CertificationRecord, RecordWriter, read_records
 from stablenet.certify.report import STANDARD_RADII, certified_accuracy, write_report
-from stablenet.certify.run import CERTIFY_METHODS, certify_dataset, certify_run
+from stablenet.certify.run import CERTIFY_METHODS, SMOOTHING_METHODS, SmoothingParams, certify_dataset, certify_run
 
 __all__ = [
     "ABSTAIN",
     "CERTIFY_METHODS",
     "RECORD_FIELDS",
+    "SMOOTHING_METHODS",
     "STANDARD_RADII",
     "CertificationRecord",
     "LipschitzCertifier",
     "RecordWriter",
+    "SmoothingParams",
     "certified_accuracy",
     "certify_dataset",
     "certify_lipschitz",

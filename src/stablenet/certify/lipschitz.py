@@ -137,11 +137,12 @@ class LipschitzCertifier:
     Args:
         model: the classifier (pixels in [0, 1] to logits).
         form: ``"lln"`` (needs an LLN head), ``"generic"``, or ``"auto"`` (LLN when available).
+        input_shape: shape of one input (no batch dimension); needed by models with convolutions.
     """
 
     FORMS = ("auto", "generic", "lln")
 
-    def __init__(self, model: nn.Module, form: str = "auto") -> None:
+    def __init__(self, model: nn.Module, form: str = "auto", input_shape: tuple[int, ...] | None = None) -> None:
         from stablenet.spectral.network import lipschitz_upper_bound
 
         if form not in self.FORMS:
@@ -153,10 +154,10 @@ class LipschitzCertifier:
         self.form = "lln" if (form == "auto" and split is not None) else ("generic" if form == "auto" else form)
         if self.form == "lln":
             body, head = split
-            self.lipschitz = lipschitz_upper_bound(body)
+            self.lipschitz = lipschitz_upper_bound(body, input_shape)
             self.distances = head.pairwise_distance_bounds()
         else:
-            self.lipschitz = lipschitz_upper_bound(model)
+            self.lipschitz = lipschitz_upper_bound(model, input_shape)
             self.distances = None
 
     @torch.no_grad()
@@ -173,4 +174,4 @@ def certify_lipschitz(model: nn.Module, x: Tensor, form: str = "auto") -> tuple[
     Guarantee: for each input, the model's prediction is the same at every point of the l2 ball of the
     returned radius (radius 0: nothing certified).
     """
-    return LipschitzCertifier(model, form)(x)
+    return LipschitzCertifier(model, form, tuple(x.shape[1:]))(x)

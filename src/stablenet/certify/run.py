@@ -1,8 +1,20 @@
-"""Certify a data set with a trained model, one record per example, resumable.
+"""Certify a data set with a trained model, one record per example, resumable and shardable.
 
 Records go to a JSON Lines file through :class:`stablenet.certify.records.RecordWriter`: a rerun skips the
-indices already in the file, and a record is on disk (flushed and synced) as soon as its batch is done,
-so a killed run loses at most one batch.
+indices already in the file, and records are on disk (flushed and synced) as soon as their chunk is done, so a
+killed run loses at most one chunk.
+
+# Note [sharding]
+Under ``torchrun`` (``WORLD_SIZE > 1``), rank ``r`` certifies every ``world_size``-th pending example starting at
+``r`` into ``OUT.rank{r}.jsonl``; after a barrier, rank 0 appends every shard's records to ``OUT`` (skipping
+indices already there) and removes the shards. A killed sharded run resumes like a single one: each rank skips
+what its shard file or ``OUT`` already holds.
+
+# Note [smoothing seeds]
+Randomized certifiers draw noise from a generator seeded by ``(seed, first index of the chunk)``: a rerun over
+the same pending examples, with the same batch size and world size, gives the same records. Resuming or
+sharding changes which examples share a chunk, and so the noise, but never the guarantee: each image's
+certificate holds with probability at least 1 - alpha whatever the seed.
 """
 
 from __future__ import annotations
@@ -10,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +32,72 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from stablenet.certify.lipschitz import LipschitzCertifier
-from stablenet.certify.records import CertificationRecord, RecordWriter
+from stablenet.certify.records import CertificationRecord, RecordWriter, read_records
 
-__all__ = ["CERTIFY_METHODS", "certify_dataset", "certify_run"]
+__all__ = ["CERTIFY_METHODS", "SMOOTHING_METHODS", "SmoothingParams", "certify_dataset", "certify_run"]
 
 logger = logging.getLogger(__name__)
-CERTIFY_METHODS = ("lipschitz",)
+SMOOTHING_METHODS = ("smoothing", "lvm-rs", "cpm")
+CERTIFY_METHODS = ("lipschitz", *SMOOTHING_METHODS)
+
+
+@dataclass(frozen=True)
+class SmoothingParams:
+    """Monte-Carlo settings of the randomized certifiers (Cohen et al. defaults: n0=100, n=100000, alpha=0.001)."""
+
+    sigma: float
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise ValueError(f"--sigma must be > 0; got {self.sigma}")
+        if self.n0 < 1 or self.n < 1:
+            raise ValueError(f"--n0 and --n must be >= 1; got {self.n0} and {self.n}")
+        if not (0.0 < self.alpha < 1.0):
+            raise ValueError(f"--alpha must be in (0, 1); got {self.alpha}")
+
+
+def _smoothed_certifier(
+    model: nn.Module,
+    method: str,
+    num_classes: int,
+    params: SmoothingParams,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+    if method == "smoothing":
+        from stablenet.smoothing.cohen import Smooth
+
+        smooth = Smooth(model, num_classes, params.sigma)
+    elif method == "lvm-rs":
+        from stablenet.smoothing.lvm import LVMSmooth
+
+        smooth = LVMSmooth(model, num_classes, params.sigma)
+    else:
+        from stablenet.smoothing.cpm import CPMSmooth
+
+        smooth = CPMSmooth(model, num_classes, params.sigma, input_shape=input_shape)
+
+    def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor]:
+        seed = params.seed * 1_000_003 + first_index  # Note [smoothing seeds]
+        return smooth.certify(x, params.n0, params.n, params.alpha, batch_size, generator=seed)
+
+    return certify
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)``, initialising the default process group under torchrun (Note [sharding])."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def certify_dataset(
@@ -34,6 +108,7 @@ def certify_dataset(
     *,
     method: str = "lipschitz",
     form: str = "auto",
+    smoothing: SmoothingParams | None = None,
     batch_size: int = 256,
     indices: list[int] | None = None,
     metadata: dict[str, Any] | None = None,
@@ -45,9 +120,10 @@ def certify_dataset(
         model: the classifier, used as it is (call ``.eval()`` first).
         images, labels: the data set, ``(N, C, H, W)`` and ``(N,)``.
         out: JSON Lines file; indices already present are skipped.
-        method: certification method; one of :data:`CERTIFY_METHODS`.
+        method: one of :data:`CERTIFY_METHODS`.
         form: Lipschitz certificate form (``auto``, ``generic``, ``lln``).
-        batch_size: examples per forward pass.
+        smoothing: Monte-Carlo settings, required by the randomized methods.
+        batch_size: rows per forward pass (images for ``lipschitz``, noisy samples for smoothing).
         indices: subset of example indices to certify (default: all).
         metadata: written beside the records (``OUT.meta.json``), e.g. the data set name.
         progress: show a tqdm bar.
@@ -60,24 +136,45 @@ def certify_dataset(
         raise ValueError(
             f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} and {tuple(labels.shape)}"
         )
-    device = next(model.parameters()).device
-    certifier = LipschitzCertifier(model, form)
-    meta = {**(metadata or {}), "method": method, "form": certifier.form, "lipschitz": certifier.lipschitz}
+    params = next(model.parameters(), None)
+    device = params.device if params is not None else images.device
+    input_shape = tuple(images.shape[1:])
+    meta: dict[str, Any] = {**(metadata or {}), "method": method}
+    if method == "lipschitz":
+        lipschitz = LipschitzCertifier(model, form, input_shape)
+        meta.update(form=lipschitz.form, lipschitz=lipschitz.lipschitz)
+        chunk = batch_size
+
+        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor]:
+            return lipschitz(x)
+
+    else:
+        if smoothing is None:
+            raise ValueError(f"method {method!r} needs smoothing parameters (--sigma, --n0, --n, --alpha)")
+        num_classes = int(model(images[:1].to(device)).shape[-1])
+        certify = _smoothed_certifier(model, method, num_classes, smoothing, input_shape, batch_size)
+        meta.update(sigma=smoothing.sigma, n0=smoothing.n0, n=smoothing.n, alpha=smoothing.alpha, seed=smoothing.seed)
+        chunk = max(1, min(64, batch_size // max(smoothing.n0, 1)))
+
+    rank, world = _distributed()
+    out = Path(out)
+    target = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    done_in_main = {r.index for r in read_records(out)} if (world > 1 and out.exists()) else set()
     todo_all = list(range(len(images))) if indices is None else list(indices)
-    with RecordWriter(out, metadata=meta) as writer:
+    todo_all = [i for i in todo_all if i not in done_in_main][rank::world]
+    with RecordWriter(target, metadata=meta) as writer:
         todo = [i for i in todo_all if i not in writer.done]
         if len(todo) < len(todo_all):
-            logger.info("%s: %d of %d examples already certified", out, len(todo_all) - len(todo), len(todo_all))
-        bar = tqdm(total=len(todo), desc=f"certify ({method})", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start : start + batch_size]
+            logger.info("%s: %d of %d examples already certified", target, len(todo_all) - len(todo), len(todo_all))
+        bar = tqdm(total=len(todo), desc=f"certify ({method})", disable=not progress or rank != 0)
+        for start in range(0, len(todo), chunk):
+            idx = todo[start : start + chunk]
             t0 = time.perf_counter()
-            x = images[idx].to(device)
-            pred, radius = certifier(x)
+            pred, radius = certify(images[idx].to(device), idx[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_example = (time.perf_counter() - t0) / len(idx)
-            records = [
+            writer.write(
                 CertificationRecord(
                     index=i,
                     label=int(y),
@@ -89,11 +186,28 @@ def certify_dataset(
                     time_s=per_example,
                 )
                 for i, y, p, r in zip(idx, labels[idx].tolist(), pred.tolist(), radius.tolist(), strict=True)
-            ]
-            writer.write(records)
+            )
             bar.update(len(idx))
         bar.close()
-    return Path(out)
+    if world > 1:
+        _merge_shards(out, world, rank, meta)
+    return out
+
+
+def _merge_shards(out: Path, world: int, rank: int, meta: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        with RecordWriter(out, metadata=meta) as writer:
+            for r in range(world):
+                shard = out.with_name(f"{out.name}.rank{r}")
+                if shard.exists():
+                    writer.write(rec for rec in read_records(shard) if rec.index not in writer.done)
+        for r in range(world):
+            for path in (out.with_name(f"{out.name}.rank{r}"), out.with_name(f"{out.name}.rank{r}.meta.json")):
+                path.unlink(missing_ok=True)
+    dist.barrier()
 
 
 def certify_run(
@@ -102,6 +216,7 @@ def certify_run(
     *,
     method: str = "lipschitz",
     form: str = "auto",
+    smoothing: SmoothingParams | None = None,
     split: str = "test",
     data_root: str | None = None,
     batch_size: int = 256,
@@ -117,6 +232,9 @@ def certify_run(
     if skip < 0 or (max_examples is not None and max_examples < 1):
         raise ValueError(f"skip must be >= 0 and max_examples >= 1; got skip={skip}, max_examples={max_examples}")
     meta = read_model_metadata(run_dir)
+    device = torch.device(device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = load_model(run_dir, map_location=device)
     images, labels = load_dataset(meta["dataset"], split, data_root)
     stop = len(images) if max_examples is None else min(len(images), skip + max_examples)
@@ -127,6 +245,7 @@ def certify_run(
         out,
         method=method,
         form=form,
+        smoothing=smoothing,
         batch_size=batch_size,
         indices=list(range(skip, stop)),
         metadata={"dataset": meta["dataset"], "split": split, "run": str(run_dir), "model": meta["model"]},

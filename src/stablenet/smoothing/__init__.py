@@ -1,6 +1,11 @@
-"""Randomized smoothing (Cohen et al. 2019) and its Lipschitz-aware refinements.
+"""Randomized smoothing (Cohen et al. 2019) and its Lipschitz-aware refinements (LVM-RS, CPM).
 
-Not implemented yet: see the randomized-smoothing issue. Importing this package is safe and exposes nothing.
+Every certifier has ``certify(x, n0, n, alpha, batch_size, generator=None) -> (prediction, radius)``, batched
+across images and noise draws on the base model's device, with ``ABSTAIN`` and radius 0 when it cannot certify.
 """
 
-__all__: list[str] = []
+from stablenet.smoothing.cohen import ABSTAIN, Smooth
+from stablenet.smoothing.cpm import CPMSmooth, cpm_radius
+from stablenet.smoothing.lvm import SIMPLEX_MAPS, LVMSmooth, lvm_radius, sparsemax
+
+__all__ = ["ABSTAIN", "SIMPLEX_MAPS", "CPMSmooth", "LVMSmooth", "Smooth", "cpm_radius", "lvm_radius", "sparsemax"]

@@ -41,6 +41,9 @@ class TrainConfig:
     loss_temperature: float = 0.25
     crop_padding: int = 0
     flip: bool = False
+    noise_sigma: float = (
+        0.0  # Gaussian noise augmentation for randomized smoothing (Cohen et al.): train at the certification sigma
+    )
     seed: int = 0
     device: str = "auto"
     out: str = "runs/train"
@@ -55,6 +58,7 @@ class TrainConfig:
             (self.crop_padding >= 0, "crop_padding must be >= 0"),
             (self.loss_temperature > 0, "loss_temperature must be > 0"),
             (self.loss_offset >= 0, "loss_offset must be >= 0"),
+            (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

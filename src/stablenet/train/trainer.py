@@ -98,7 +98,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, radiu
     """Clean accuracy and Lipschitz-certified accuracy at ``radius`` (NaN when the model cannot be bounded)."""
     model.eval()
     try:
-        certifier = LipschitzCertifier(model)
+        certifier = LipschitzCertifier(model, input_shape=tuple(images.shape[1:]))
     except TypeError:
         certifier = None
     correct = certified = 0
@@ -216,6 +216,8 @@ def train(
     for epoch in epochs:
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        # Note [exact resume]: the noise of an epoch comes from a generator seeded by (seed, epoch) too.
+        noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch + 7919)
         loader = DeviceLoader(
             x_train,
             y_train,
@@ -230,6 +232,8 @@ def train(
         for i, (x, y) in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(config, epoch * steps_per_epoch + i, total_steps)
+            if config.noise_sigma > 0:
+                x = x + config.noise_sigma * torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
             logits = model(x)
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):

@@ -1,0 +1,455 @@
+r"""Attack certified predictions: an empirical check that certificates hold.
+
+For every record with a certified radius :math:`R > 0`, search the l2 ball of radius :math:`0.99\,R` around
+the input for a point where the prediction differs from the certified one. The ball is the whole of
+:math:`\mathbb{R}^d`'s ball, not clipped to the pixel box, because that is what a certificate claims.
+
+* **Deterministic certificates** (``lipschitz``): the model is attacked directly with
+  :func:`stablenet.certify.attack.pgd_l2`. A certified prediction that changes inside its ball is a
+  counter-example: the certificate (or the code that produced it) is wrong.
+* **Randomized certificates** (``smoothing``, ``lvm-rs``, ``cpm``): *an empirical check only*. The
+  smoothed classifier :math:`g(x) = \arg\max_c P(f(x+\delta) = c)` has no gradient, so PGD runs on the
+  Monte-Carlo expectation :math:`\log \frac1k\sum_{i=1}^k \operatorname{softmax} f(x + \sigma\delta_i)`
+  with fresh noise :math:`\delta_i` at every step (expectation over transformation, as in SmoothAdv,
+  Salman et al. 2019), and the smoothed classifier's ``predict`` (Cohen et al. 2019) is then evaluated at
+  the point found. A different, non-abstaining class there is evidence against the certificate, not proof:
+  both the certificate and ``predict`` hold only with probability :math:`1-\alpha`, so a correct
+  certificate is "broken" with probability at most about ``alpha`` per example. For ``lvm-rs`` and
+  ``cpm`` records, Cohen's hard-vote ``predict`` stands in for their soft smoothed classifiers.
+
+An attack that finds nothing proves nothing.
+
+Why our own PGD and not ``torchattacks``: :func:`~stablenet.certify.attack.pgd_l2` takes one radius per
+example (each certificate has its own), uses the margin loss that decides the prediction, batches
+examples with different radii, runs on any device, and adds no dependency.
+
+Example:
+    >>> result = verify_run("runs/digits", "runs/digits/lipschitz.jsonl")
+    >>> result.n_broken  # must be 0 for a sound deterministic certifier
+    0
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from stablenet.certify.attack import pgd_l2
+from stablenet.certify.records import ABSTAIN, CertificationRecord, read_metadata, read_records
+
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_SMOOTHING_ALPHA",
+    "DEFAULT_SMOOTHING_N",
+    "DETERMINISTIC_METHODS",
+    "RADIUS_FACTOR",
+    "RANDOMIZED_METHODS",
+    "VerifyResult",
+    "verify_records",
+    "verify_run",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTACKS: tuple[str, ...] = ("pgd",)
+"""Accepted attack names."""
+
+DETERMINISTIC_METHODS: tuple[str, ...] = ("lipschitz",)
+"""Methods whose certificates are proofs: one broken certificate is a bug."""
+
+RANDOMIZED_METHODS: tuple[str, ...] = ("smoothing", "lvm-rs", "cpm")
+"""Methods whose certificates hold with probability ``1 - alpha``: the check is empirical."""
+
+RADIUS_FACTOR: float = 0.99
+"""The attack radius, as a fraction of the certified radius (strictly inside the certified ball)."""
+
+DEFAULT_SMOOTHING_N: int = 1000
+"""Monte-Carlo samples of the smoothed classifier's ``predict`` when the sidecar has no ``n``."""
+
+DEFAULT_SMOOTHING_ALPHA: float = 0.001
+"""Level of the smoothed classifier's ``predict`` when the sidecar has no ``alpha``."""
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of attacking the certified records of one file.
+
+    Attributes:
+        method: certification method of the records.
+        empirical: ``True`` for randomized certificates (see the module docstring).
+        n_records: records considered.
+        n_certified: records with a non-abstaining prediction and a radius > 0.
+        n_attacked: certified records attacked (at most ``max_examples``).
+        n_broken: attacked records whose prediction changed inside ``RADIUS_FACTOR`` times their radius.
+        broken_indices: data-set indices of the broken records, sorted.
+        details: one dict per attacked record: ``index, label, prediction, radius, attack_radius,
+            adversarial_prediction, distance, broken`` (``clean_prediction`` for deterministic records).
+    """
+
+    method: str
+    empirical: bool
+    n_records: int
+    n_certified: int
+    n_attacked: int
+    n_broken: int
+    broken_indices: list[int]
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether no certified prediction changed."""
+        return self.n_broken == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+
+def _check_method(method: str) -> None:
+    accepted = (*DETERMINISTIC_METHODS, *RANDOMIZED_METHODS)
+    if method not in accepted:
+        raise ValueError(f"method must be one of {', '.join(accepted)}; got {method!r}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _ExpectedSoftmax(nn.Module):
+    r"""``log mean_i softmax(f(x + sigma * delta_i))`` over ``draws`` fresh noise draws per call."""
+
+    def __init__(self, base: nn.Module, sigma: float, draws: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base, self.sigma, self.draws, self.generator = base, sigma, draws, generator
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = x.repeat_interleave(self.draws, dim=0)
+        noise = torch.randn(batch.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        probs = self.base(batch + self.sigma * noise).softmax(dim=1)
+        mean = probs.view(len(x), self.draws, -1).mean(dim=1)
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+
+
+def verify_records(
+    model: nn.Module,
+    images: Tensor,
+    records: Sequence[CertificationRecord],
+    *,
+    method: str,
+    restarts: int = 3,
+    steps: int = 50,
+    batch_size: int = 256,
+    max_examples: int | None = None,
+    generator: torch.Generator | None = None,
+    sigma: float | None = None,
+    num_classes: int | None = None,
+    smoothing_n: int = DEFAULT_SMOOTHING_N,
+    alpha: float = DEFAULT_SMOOTHING_ALPHA,
+    eot_samples: int = 8,
+    noise_batch_size: int = 1000,
+    progress: bool = False,
+) -> VerifyResult:
+    """Attack each certified record at ``RADIUS_FACTOR`` times its radius; count changed predictions.
+
+    Args:
+        model: the classifier the records were made with (pixels in [0, 1] to logits); for randomized
+            methods, the base model of the smoothed classifier. Used as it is (call ``.eval()`` first).
+        images: the data set the records index into, ``(N, C, H, W)``; ``record.index`` selects a row.
+        records: the certificates (one method, l2 norm).
+        method: their certification method, one of :data:`DETERMINISTIC_METHODS` or
+            :data:`RANDOMIZED_METHODS`.
+        restarts, steps: PGD restarts (the first from the input) and gradient steps per restart.
+        batch_size: examples attacked together.
+        max_examples: attack at most this many certified records (the first by index); default all.
+        generator: CPU generator for random starts and noise seeds (default: a fresh seed).
+        sigma: noise level of the smoothed classifier (required for randomized methods).
+        num_classes: outputs of the base model (randomized methods; default: from one forward pass).
+        smoothing_n, alpha: Monte-Carlo samples and level of the smoothed classifier's ``predict``.
+        eot_samples: noise draws per PGD step in the expectation (randomized methods).
+        noise_batch_size: noisy rows per forward pass in ``predict``.
+        progress: show a tqdm bar.
+
+    Returns:
+        A :class:`VerifyResult`.
+
+    Raises:
+        ValueError: unknown method, records of another method or norm, indices outside ``images``,
+            missing ``sigma`` for a randomized method, or a bad count.
+    """
+    _check_method(method)
+    if restarts < 1 or steps < 1 or batch_size < 1:
+        raise ValueError(f"restarts, steps and batch_size must be >= 1; got {restarts}, {steps}, {batch_size}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1; got {max_examples}")
+    if images.dim() < 2:
+        raise ValueError(f"images must be (N, ...) with one row per example; got shape {tuple(images.shape)}")
+    for r in records:
+        if r.method != method or r.norm != "l2":
+            raise ValueError(
+                f"record {r.index} has method {r.method!r} and norm {r.norm!r}; expected method {method!r} "
+                "and norm 'l2' (one file, one method)"
+            )
+        if r.index >= len(images):
+            raise ValueError(f"record index {r.index} is outside the {len(images)} images it should index into")
+    randomized = method in RANDOMIZED_METHODS
+    if randomized and not (sigma is not None and sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"method {method!r} needs the smoothing noise level sigma > 0; got {sigma}")
+    certified = sorted((r for r in records if r.prediction != ABSTAIN and r.radius > 0), key=lambda r: r.index)
+    todo = certified if max_examples is None else certified[:max_examples]
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    device = _device_of(model)
+    if randomized:
+        details = _attack_smoothed(
+            model,
+            images,
+            todo,
+            sigma=float(sigma),
+            num_classes=num_classes,
+            restarts=restarts,
+            steps=steps,
+            batch_size=batch_size,
+            generator=generator,
+            n=smoothing_n,
+            alpha=alpha,
+            eot_samples=eot_samples,
+            noise_batch_size=noise_batch_size,
+            device=device,
+            progress=progress,
+        )
+    else:
+        details = _attack_deterministic(model, images, todo, restarts, steps, batch_size, generator, device, progress)
+    broken = sorted(d["index"] for d in details if d["broken"])
+    if broken:
+        logger.warning("%d of %d attacked %s certificates broken: %s", len(broken), len(todo), method, broken[:20])
+    return VerifyResult(
+        method=method,
+        empirical=randomized,
+        n_records=len(records),
+        n_certified=len(certified),
+        n_attacked=len(todo),
+        n_broken=len(broken),
+        broken_indices=broken,
+        details=details,
+    )
+
+
+def _batches(todo: list[CertificationRecord], batch_size: int, progress: bool, desc: str):
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        yield chunk
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _detail(r: CertificationRecord, attack_radius: float, adv: int, distance: float, broken: bool) -> dict:
+    return {
+        "index": r.index,
+        "label": r.label,
+        "prediction": r.prediction,
+        "radius": r.radius,
+        "attack_radius": attack_radius,
+        "adversarial_prediction": adv,
+        "distance": distance,
+        "broken": broken,
+    }
+
+
+def _attack_deterministic(
+    model: nn.Module,
+    images: Tensor,
+    todo: list[CertificationRecord],
+    restarts: int,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    details: list[dict[str, Any]] = []
+    for chunk in _batches(todo, batch_size, progress, "verify (pgd)"):
+        x = images[[r.index for r in chunk]].to(device)
+        target = torch.tensor([r.prediction for r in chunk], device=device)
+        eps = torch.tensor([RADIUS_FACTOR * r.radius for r in chunk], dtype=torch.float64)
+        x_adv, flipped = pgd_l2(model, x, target, eps.to(device), steps=steps, restarts=restarts, generator=generator)
+        with torch.no_grad():
+            clean = model(x).argmax(dim=1)
+            adv = model(x_adv).argmax(dim=1)
+        distance = (x_adv - x).flatten(1).norm(dim=1)
+        # pgd_l2 flags a flip at any point it visited; the returned point is the highest-margin one.
+        broken = flipped | (adv != target)
+        for r, e, c, a, d, b in zip(
+            chunk, eps.tolist(), clean.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), strict=True
+        ):
+            details.append({**_detail(r, e, a, d, b), "clean_prediction": c})
+    return details
+
+
+def _attack_smoothed(
+    model: nn.Module,
+    images: Tensor,
+    todo: list[CertificationRecord],
+    *,
+    sigma: float,
+    num_classes: int | None,
+    restarts: int,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    n: int,
+    alpha: float,
+    eot_samples: int,
+    noise_batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    if n < 1 or eot_samples < 1 or noise_batch_size < 1:
+        raise ValueError(
+            f"smoothing_n, eot_samples and noise_batch_size must be >= 1; got {n}, {eot_samples}, {noise_batch_size}"
+        )
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    if not todo:
+        return []
+    from stablenet.smoothing.cohen import Smooth
+    from stablenet.smoothing.sampling import make_generator
+
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = int(model(images[:1].to(device)).shape[1])
+    # Noise is drawn on the model's device (see Note [noise generator] in stablenet.smoothing.sampling),
+    # seeded from the CPU generator so that one seed fixes the whole check.
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    noise_gen = make_generator(seed, device)
+    expected = _ExpectedSoftmax(model, sigma, eot_samples, noise_gen)
+    # The certificate covers the whole l2 ball, not only its part inside the pixel box: no range check.
+    smoothed = Smooth(model, num_classes, sigma, input_range=None)
+    details: list[dict[str, Any]] = []
+    for chunk in _batches(todo, batch_size, progress, "verify (pgd, smoothed)"):
+        x = images[[r.index for r in chunk]].to(device)
+        target = torch.tensor([r.prediction for r in chunk], device=device)
+        eps = torch.tensor([RADIUS_FACTOR * r.radius for r in chunk], dtype=torch.float64)
+        x_adv, _ = pgd_l2(expected, x, target, eps.to(device), steps=steps, restarts=restarts, generator=generator)
+        adv = smoothed.predict(x_adv, n, alpha, noise_batch_size, generator=noise_gen)
+        adv = torch.as_tensor(adv).to(device)
+        broken = (adv != ABSTAIN) & (adv != target)
+        distance = (x_adv - x).flatten(1).norm(dim=1)
+        for r, e, a, d, b in zip(chunk, eps.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), strict=True):
+            details.append(_detail(r, e, a, d, b))
+    return details
+
+
+def _records_method(records: list[CertificationRecord], meta: dict[str, Any], path: Path) -> str:
+    methods = sorted({r.method for r in records})
+    if len(methods) > 1:
+        raise ValueError(f"{path} mixes methods {', '.join(methods)}; verify one method per file")
+    method = methods[0] if methods else meta.get("method")
+    if method is None:
+        raise ValueError(f"{path} has no records and its metadata names no method; nothing to verify")
+    if "method" in meta and meta["method"] != method:
+        raise ValueError(f"{path}: records say method {method!r} but the metadata says {meta['method']!r}")
+    _check_method(method)
+    return method
+
+
+def verify_run(
+    run_dir: str | os.PathLike,
+    records_path: str | os.PathLike,
+    *,
+    attack: str = "pgd",
+    restarts: int = 3,
+    steps: int = 50,
+    max_examples: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    data_root: str | os.PathLike | None = None,
+    smoothing_n: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> VerifyResult:
+    """Attack the certified records of ``records_path``, rebuilding the model from ``run_dir``.
+
+    The data set and split come from the records' sidecar metadata (``FILE.meta.json``); for randomized
+    methods so do ``sigma`` (required), ``n`` (default :data:`DEFAULT_SMOOTHING_N`) and ``alpha``
+    (default :data:`DEFAULT_SMOOTHING_ALPHA`) of the smoothed classifier's ``predict``. Randomized records
+    get an empirical check only (see the module docstring).
+
+    Args:
+        run_dir: run directory holding ``model.safetensors``.
+        records_path: JSON Lines record file written by a certifier.
+        attack: attack name, one of :data:`ATTACKS`.
+        restarts, steps: PGD restarts and steps per restart.
+        max_examples: attack at most this many certified records (the first by index).
+        device: where to run the attack.
+        batch_size: examples attacked together.
+        data_root: directory holding the data set files.
+        smoothing_n: override the sidecar's ``n`` for ``predict``.
+        seed: seeds the random starts and the noise.
+        progress: show a tqdm bar.
+
+    Raises:
+        ValueError: unknown attack or method, missing metadata, or records that do not match the data set.
+        FileNotFoundError: no checkpoint or record file.
+    """
+    from stablenet.data import load_dataset
+    from stablenet.train.checkpoint import load_model, read_model_metadata
+
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}; got {attack!r}")
+    records_path = Path(records_path)
+    records = read_records(records_path)
+    meta = read_metadata(records_path)
+    method = _records_method(records, meta, records_path)
+    if "dataset" not in meta:
+        raise ValueError(f"{records_path}.meta.json does not name the data set; verify needs its 'dataset'")
+    model_meta = read_model_metadata(run_dir)
+    if model_meta.get("dataset", meta["dataset"]) != meta["dataset"]:
+        raise ValueError(
+            f"run {run_dir} was trained on {model_meta['dataset']!r} but the records are for {meta['dataset']!r}"
+        )
+    if "run" in meta and Path(meta["run"]).resolve() != Path(run_dir).resolve():
+        logger.warning("%s was made from run %s, verifying with run %s", records_path, meta["run"], run_dir)
+    device = torch.device(device)
+    model = load_model(run_dir, map_location=device)
+    images, labels = load_dataset(meta["dataset"], meta.get("split", "test"), data_root)
+    for r in records:
+        if r.index >= len(images) or int(labels[r.index]) != r.label:
+            raise ValueError(
+                f"{records_path}: record {r.index} (label {r.label}) does not match {meta['dataset']} "
+                f"{meta.get('split', 'test')} ({len(images)} examples); were the records made on another data set?"
+            )
+    options: dict[str, Any] = {}
+    if method in RANDOMIZED_METHODS:
+        if "sigma" not in meta:
+            raise ValueError(f"{records_path}.meta.json has no 'sigma'; {method} records need their noise level")
+        options = {
+            "sigma": float(meta["sigma"]),
+            "num_classes": int(model_meta["num_classes"]),
+            "smoothing_n": int(smoothing_n if smoothing_n is not None else meta.get("n", DEFAULT_SMOOTHING_N)),
+            "alpha": float(meta.get("alpha", DEFAULT_SMOOTHING_ALPHA)),
+        }
+    return verify_records(
+        model,
+        images,
+        records,
+        method=method,
+        restarts=restarts,
+        steps=steps,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        generator=torch.Generator().manual_seed(seed),
+        progress=progress,
+        **options,
+    )

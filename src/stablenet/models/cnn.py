@@ -1,0 +1,48 @@
+"""Plain (unconstrained) convolutional classifiers: base models for randomized smoothing and baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from stablenet.models.registry import register_model
+from stablenet.nn import InputNormalization
+
+__all__ = ["lenet"]
+
+
+@register_model("lenet")
+def lenet(
+    num_classes: int,
+    in_channels: int,
+    input_size: Sequence[int],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: int = 32,
+    hidden: int = 256,
+) -> nn.Sequential:
+    """Two conv-ReLU-maxpool stages (``width``, ``2 * width`` channels) and two dense layers.
+
+    Inputs must be at least 4x4 pixels (two 2x2 poolings). Its Lipschitz constant is not controlled, but every
+    module has a bound in ``stablenet.spectral``, so ``stablenet lipschitz`` can report it.
+    """
+    h, w = input_size
+    if h < 4 or w < 4:
+        raise ValueError(f"lenet needs inputs of at least 4x4 pixels; got {h}x{w}")
+    if width < 1 or hidden < 1:
+        raise ValueError(f"width and hidden must be >= 1; got {width} and {hidden}")
+    return nn.Sequential(
+        InputNormalization(mean, std, input_size=input_size),
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * (h // 4) * (w // 4), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )

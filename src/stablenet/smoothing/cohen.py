@@ -1,0 +1,270 @@
+r"""Randomized smoothing of Cohen, Rosenfeld & Kolter (2019), "Certified Adversarial Robustness via Randomized
+Smoothing", arXiv 1902.02918: ``CERTIFY`` and ``PREDICT``, batched over images and noise draws.
+
+The smoothed classifier of a base classifier :math:`f` at noise level :math:`\sigma` is
+
+.. math::
+
+    g(x) = \arg\max_c \; \mathbb P_{\delta \sim \mathcal N(0, \sigma^2 I)}\big(f(x + \delta) = c\big).
+
+Theorem 1 of the paper: if :math:`\mathbb P(f(x+\delta) = c_A) \ge \underline p_A > \tfrac12`, then
+:math:`g(x + \varepsilon) = c_A` for every :math:`\|\varepsilon\|_2 < \sigma\,\Phi^{-1}(\underline p_A)`.
+:meth:`Smooth.certify` estimates :math:`\underline p_A` from Monte-Carlo counts, so its answer holds with
+probability at least :math:`1 - \alpha` over the noise, for each image separately.
+
+Sampling lives in :mod:`stablenet.smoothing.sampling`, the confidence bounds and the (rounded-down) radius in
+:mod:`stablenet.smoothing.stats`; this module only ties them together.
+
+# Note [eval mode]
+The Monte-Carlo argument needs the noisy copies to be classified independently by one fixed :math:`f`. A
+BatchNorm layer in training mode couples the rows of a batch and dropout changes :math:`f` from row to row, so
+:class:`Smooth` runs the base model in eval mode and afterwards restores each submodule's own ``training`` flag.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stablenet.certify.records import ABSTAIN
+from stablenet.smoothing import sampling, stats
+
+__all__ = ["ABSTAIN", "Smooth"]
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return int(value)
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be a float in the open interval (0, 1); got {alpha!r}")
+    return float(alpha)
+
+
+@contextmanager
+def _eval_mode(model: object) -> Iterator[None]:
+    """Run ``model`` in eval mode and restore every submodule's flag afterwards (Note [eval mode])."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class Smooth:
+    r"""The smoothed classifier :math:`g` of a base classifier, with Cohen et al.'s certify and predict.
+
+    .. math::
+
+        g(x) = \arg\max_c \; \mathbb P\big(f(x + \delta) = c\big), \qquad \delta \sim \mathcal N(0, \sigma^2 I),
+
+    where :math:`f(x) = \arg\max_k \mathrm{base\_model}(x)_k`. Both methods take a batch ``(N, C, H, W)`` (or
+    one image ``(C, H, W)``, treated as ``N = 1``) and answer per image; the guarantees hold for each image
+    separately, not jointly over the batch.
+
+    Args:
+        base_model: Maps ``(B, C, H, W)`` inputs to ``(B, num_classes)`` logits. Run in eval mode (Note
+            [eval mode]); its device (that of its first parameter or buffer, else that of the input) is where
+            the noise is drawn and the results are returned.
+        num_classes: Number of classes, at least 2.
+        sigma: Standard deviation of the Gaussian noise, > 0.
+        input_range: Inclusive ``(low, high)`` bounds that every input value must lie in (images in
+            ``[0, 1]`` by default), or ``None`` for no range check. Noisy copies are *not* clipped to it.
+
+    Example:
+        >>> smooth = Smooth(model, num_classes=10, sigma=0.25)
+        >>> prediction, radius = smooth.certify(images, n0=100, n=100_000, alpha=0.001, batch_size=1000)
+        >>> # for each i, with probability >= 0.999: prediction[i] == ABSTAIN (and radius[i] == 0), or
+        >>> # g(images[i] + e) == prediction[i] for every ||e||_2 < radius[i]
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        num_classes: int,
+        sigma: float,
+        *,
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> None:
+        if not callable(base_model):
+            raise ValueError(f"base_model must be a callable nn.Module; got {type(base_model).__name__}")
+        if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, numbers.Integral):
+            raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
+        if (
+            isinstance(sigma, (bool, np.bool_))
+            or not isinstance(sigma, numbers.Real)
+            or not math.isfinite(sigma)
+            or sigma <= 0
+        ):
+            raise ValueError(f"sigma must be a finite float > 0; got {sigma!r}")
+        if input_range is not None:
+            try:
+                low, high = (float(v) for v in input_range)
+            except (TypeError, ValueError):
+                raise ValueError(f"input_range must be None or a pair (low, high); got {input_range!r}") from None
+            if not low <= high:  # also rejects NaN
+                raise ValueError(
+                    f"input_range must be None or a pair (low, high) with low <= high; got {input_range!r}"
+                )
+            input_range = (low, high)
+        self.base_model = base_model
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self.input_range = input_range
+
+    def _device(self, fallback: torch.device) -> torch.device:
+        model = self.base_model
+        if isinstance(model, nn.Module):
+            first = next(chain(model.parameters(), model.buffers()), None)
+            if first is not None:
+                return first.device
+        return fallback
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Check ``x`` and return it as a batch ``(N, C, H, W)`` on the model's device."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor of shape (N, C, H, W) or (C, H, W); got {type(x).__name__}")
+        if x.ndim not in (3, 4):
+            raise ValueError(f"x must have shape (N, C, H, W) or (C, H, W); got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
+        x = x.to(self._device(x.device))
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.numel() > 0:
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("x must be finite; got NaN or Inf values")
+            if self.input_range is not None:
+                low, high = self.input_range
+                lo, hi = float(x.min()), float(x.max())
+                if lo < low or hi > high:
+                    raise ValueError(
+                        f"x must lie in input_range [{low}, {high}]; got values in [{lo}, {hi}] "
+                        "(pass input_range=None to skip this check)"
+                    )
+        return x
+
+    def _counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator) -> Tensor:
+        return sampling.class_counts(self.base_model, x, num, self.sigma, self.num_classes, batch_size, generator)
+
+    @staticmethod
+    def _generator(generator: int | torch.Generator | None, device: torch.device) -> torch.Generator:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            if isinstance(generator, (bool, np.bool_)) or not isinstance(generator, numbers.Integral):
+                raise ValueError(f"generator must be None, an int seed or a torch.Generator; got {generator!r}")
+        return sampling.make_generator(generator, device)
+
+    def certify(
+        self,
+        x: Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: int | torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""Cohen et al.'s ``CERTIFY``: a prediction of :math:`g` and an :math:`\ell_2` radius around it, per image.
+
+        Guarantee, for each image :math:`x` separately: with probability at least :math:`1 - \alpha` over the
+        noise, either the answer is ``ABSTAIN`` (radius 0), or the returned class equals :math:`g(x)` and
+        :math:`g` is constant on the open :math:`\ell_2` ball of radius :math:`R` around :math:`x`.
+
+        Steps: the guess :math:`\hat c` is the most frequent class of :math:`f` over ``n0`` noisy copies; then
+        ``n`` *fresh* noisy copies (the generator continues, Note [noise generator] in
+        :mod:`~stablenet.smoothing.sampling`) give the count :math:`n_A` of :math:`\hat c`, and
+
+        .. math::
+
+            \underline p_A = \mathrm{B}(\alpha;\, n_A,\, n - n_A + 1), \qquad
+            R = \sigma\,\Phi^{-1}(\underline p_A) \quad \text{if } \underline p_A > \tfrac12,
+
+        the one-sided Clopper–Pearson lower bound (:math:`\mathrm B(\cdot; a, b)` the beta quantile). If
+        :math:`\underline p_A \le \tfrac12` the answer is ``ABSTAIN``. :math:`R` is rounded down (Note
+        [rounding down] in :mod:`~stablenet.smoothing.stats`).
+
+        Args:
+            x: Images ``(N, C, H, W)`` or one image ``(C, H, W)``, finite and within ``input_range``.
+            n0: Number of noisy copies per image used to select :math:`\hat c` (>= 1).
+            n: Number of noisy copies per image used to estimate :math:`\underline p_A` (>= 1).
+            alpha: Failure probability, in ``(0, 1)``.
+            batch_size: Rows per forward pass of the base model (>= 1); several images share a batch when
+                ``n0`` or ``n`` is smaller.
+            generator: ``None`` (fresh randomness), an int seed, or a ``torch.Generator`` on the model's device
+                (its state advances).
+
+        Returns:
+            ``(prediction, radius)``: a long tensor ``(N,)`` of classes or ``ABSTAIN`` and a float64 tensor
+            ``(N,)`` of radii (0 where abstaining), both on the model's device.
+        """
+        n0, n = _check_count("n0", n0), _check_count("n", n)
+        batch_size = _check_count("batch_size", batch_size)
+        alpha = _check_alpha(alpha)
+        x = self._prepare(x)
+        gen = self._generator(generator, x.device)
+        with _eval_mode(self.base_model):
+            c_hat = self._counts(x, n0, batch_size, gen).argmax(dim=1)
+            counts = self._counts(x, n, batch_size, gen)
+        n_a = counts.gather(1, c_hat.unsqueeze(1)).squeeze(1)
+        p_lower = stats.clopper_pearson_lower(n_a.cpu().numpy(), n, alpha)
+        certified = p_lower > 0.5
+        radius = np.where(certified, stats.cohen_radius(p_lower, self.sigma), 0.0)
+        prediction = torch.where(torch.as_tensor(certified, device=x.device), c_hat, torch.full_like(c_hat, ABSTAIN))
+        return prediction, torch.as_tensor(radius, dtype=torch.float64, device=x.device)
+
+    def predict(
+        self,
+        x: Tensor,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: int | torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Cohen et al.'s ``PREDICT``: the class of :math:`g`, or ``ABSTAIN`` when the vote is too close.
+
+        Guarantee, for each image :math:`x` separately: the probability (over the noise) that the answer is a
+        class other than :math:`g(x)` is at most :math:`\alpha`; otherwise it is :math:`g(x)` or ``ABSTAIN``.
+
+        With :math:`n_1 \ge n_2` the two largest class counts over ``n`` noisy copies, the answer is the top
+        class when the two-sided binomial test of :math:`n_1` successes in :math:`n_1 + n_2` trials against
+        :math:`p = \tfrac12` has p-value :math:`\le \alpha`, and ``ABSTAIN`` otherwise.
+
+        Args:
+            x: Images ``(N, C, H, W)`` or one image ``(C, H, W)``, finite and within ``input_range``.
+            n: Number of noisy copies per image (>= 1).
+            alpha: Failure probability, in ``(0, 1)``.
+            batch_size: Rows per forward pass of the base model (>= 1).
+            generator: ``None`` (fresh randomness), an int seed, or a ``torch.Generator`` on the model's device.
+
+        Returns:
+            A long tensor ``(N,)`` of classes or ``ABSTAIN``, on the model's device.
+        """
+        n = _check_count("n", n)
+        batch_size = _check_count("batch_size", batch_size)
+        alpha = _check_alpha(alpha)
+        x = self._prepare(x)
+        gen = self._generator(generator, x.device)
+        with _eval_mode(self.base_model):
+            counts = self._counts(x, n, batch_size, gen)
+        top = counts.topk(2, dim=1)
+        values = top.values.cpu().numpy()
+        pvalues = np.array([stats.binomial_test_pvalue(a, b) for a, b in values], dtype=np.float64)
+        significant = torch.as_tensor(pvalues <= alpha, device=x.device)
+        best = top.indices[:, 0]
+        return torch.where(significant, best, torch.full_like(best, ABSTAIN))

@@ -1,0 +1,419 @@
+r"""Lipschitz-variance-margin randomized smoothing (LVM-RS; Delattre et al., ICLR 2024, arXiv 2309.16883).
+
+Instead of smoothing the hard decision :math:`\arg\max_c f_c`, LVM-RS smooths a *simplex map* of the logits,
+:math:`h_s(z) = \mathrm{softmax}(s z)` or :math:`\mathrm{sparsemax}(s z)` at inverse temperature :math:`s > 0`:
+
+.. math:: g_c(x) = \mathbb E_{\delta \sim \mathcal N(0, \sigma^2 I)}\big[h_s(f(x + \delta))_c\big] \in [0, 1],
+   \qquad G(x) = \arg\max_c g_c(x).
+
+Each :math:`g_c(x)` is estimated with the empirical-Bernstein bound of Maurer & Pontil (2009), whose width
+:math:`\sqrt{2 V \ln(2/\alpha)/n} + 7\ln(2/\alpha)/(3(n-1))` shrinks with the sample variance :math:`V`. A small
+:math:`s` (a more Lipschitz base model) gives low variance but a small margin between classes, a large :math:`s`
+the reverse: the map and temperature are chosen per input to balance the two.
+
+**Two radii, both sound.** Let :math:`\underline p_A \le g_A(x)` and :math:`\overline p_B \ge \max_{B \ne A} g_B(x)`.
+
+* Cohen-style form: for any :math:`u: \mathbb R^d \to [0, 1]`, :math:`x \mapsto \Phi^{-1}(\mathbb E\,u(x+\delta))`
+  is :math:`1/\sigma`-Lipschitz (Salman et al. 2019, appendix A), so :math:`g_A > g_B` on the ball of radius
+
+  .. math:: R_\Phi = \tfrac{\sigma}{2}\big(\Phi^{-1}(\underline p_A) - \Phi^{-1}(\overline p_B)\big).
+
+* Margin form: for :math:`u: \mathbb R^d \to [a, b]` and a unit vector :math:`v`, the directional derivative
+  of :math:`U = \mathbb E\,u(\cdot + \delta)` is :math:`\sigma^{-1}\mathbb E[(u(x+\sigma z) - \tfrac{a+b}{2})
+  \langle v, z\rangle] \le \tfrac{b-a}{2\sigma}\mathbb E|\langle v, z\rangle| = \tfrac{b-a}{\sigma\sqrt{2\pi}}`
+  (the argument of Salman et al. 2019, appendix A, with the centring at (a+b)/2, which halves the constant
+  they state for [0, 1]-valued functions). The difference
+  :math:`u = h_A - h_B` takes values in :math:`[-1, 1]`, so :math:`g_A - g_B` is
+  :math:`L = \sqrt{2/\pi}/\sigma`-Lipschitz and the margin survives on the ball of radius
+
+  .. math:: R_L = \frac{\underline p_A - \overline p_B}{L} = \sigma\sqrt{\pi/2}\,(\underline p_A - \overline p_B).
+
+Since :math:`(\Phi^{-1})' = 1/\varphi(\Phi^{-1}) \ge \sqrt{2\pi}`, :math:`R_\Phi \ge R_L` whenever both are
+finite: the margin form only matters when a bound sits at 0 or 1 (where :math:`\Phi^{-1}` is infinite and the
+Cohen form is unusable). The reported radius is :math:`\max(R_\Phi, R_L)`.
+
+# Note [selection and estimation]
+The published code chose the map and temperature on the same samples that fed the confidence bound, which
+voids the bound's level. Here the candidate (map, temperature) and the top class :math:`A` are chosen on
+``n0`` *selection* draws only, as the candidate whose *predicted* radius is largest (the bounds below
+evaluated with the selection means and variances but the estimation count ``n``); the bounds are then computed
+from ``n`` *fresh* draws, which are independent of the choice (:mod:`stablenet.smoothing.sampling`, Note
+[noise generator]). Conditionally on the choice, the bounds hold at their nominal levels.
+
+# Note [alpha split]
+Bonferroni over the bounds actually used: one lower bound on :math:`g_A` at level :math:`\alpha/2` and one upper
+bound on each of the :math:`K-1` other classes at level :math:`\alpha/(2(K-1))`; then
+:math:`\overline p_B = \max_{B\ne A}` of those upper bounds, and all :math:`K` bounds hold together with
+probability at least :math:`1-\alpha`. Bounding only the runner-up :math:`\hat B` picked on the selection draws
+(at :math:`\alpha/2`) would *not* be sound: nothing would then control the other classes, any of which may
+overtake :math:`\hat B` (the selection draws can mis-rank them).
+
+# Note [summation error]
+The float64 sample mean and unbiased variance of ``n`` values in [0, 1] carry absolute errors below about
+``n 2^-53`` and ``3 n 2^-53`` (recursive-summation bounds, valid for any summation order, so also for the device's
+``index_add_``); the bounds are widened by ``4 n 2^-53`` (mean moved outwards, variance raised)
+before the shared rounding of :mod:`stablenet.smoothing.stats` (Note [rounding down]). The difference of two
+normal quantiles in :math:`R_\Phi` can lose relative accuracy through cancellation, so the radius is also
+shrunk by the relative factor :math:`1 - 2^{-40}`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stablenet.certify.records import ABSTAIN
+from stablenet.smoothing.sampling import make_generator, mean_and_variance
+from stablenet.smoothing.stats import (
+    empirical_bernstein_lower,
+    empirical_bernstein_upper,
+    round_down,
+    two_class_radius,
+)
+
+__all__ = [
+    "SIMPLEX_MAPS",
+    "LVMCertificate",
+    "LVMSmooth",
+    "lvm_bounds",
+    "lvm_radius",
+    "margin_radius",
+    "sparsemax",
+]
+
+_RADIUS_SHRINK = 1.0 - 2.0**-40
+
+
+def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
+    r"""Euclidean projection of ``z`` onto the probability simplex along ``dim`` (Martins & Astudillo 2016).
+
+    .. math:: \mathrm{sparsemax}(z) = \arg\min_{p \in \Delta^{K-1}} \|p - z\|_2 = (z - \tau(z))_+,
+
+    where, with :math:`z_{(1)} \ge \dots \ge z_{(K)}` sorted and :math:`k^* = \max\{k : 1 + k z_{(k)} >
+    \sum_{j \le k} z_{(j)}\}`, the threshold is :math:`\tau = (\sum_{j \le k^*} z_{(j)} - 1)/k^*`. Unlike softmax it
+    returns exact zeros. Batched over all other dimensions.
+
+    Example:
+        >>> sparsemax(torch.tensor([2.0, 0.5, 0.0]))  # a far-ahead coordinate takes all the mass
+        tensor([1., 0., 0.])
+    """
+    z = z.movedim(dim, -1)
+    # Translation invariance: subtracting the max keeps the cumulative sums small and accurate.
+    z = z - z.amax(dim=-1, keepdim=True)
+    z_sorted = torch.sort(z, dim=-1, descending=True).values
+    cumsum = z_sorted.cumsum(dim=-1)
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    support = (1 + k * z_sorted > cumsum).sum(dim=-1, keepdim=True).clamp_min(1)
+    tau = (cumsum.gather(-1, support - 1) - 1) / support.to(z.dtype)
+    return (z - tau).clamp_min(0).movedim(-1, dim)
+
+
+def _softmax(z: Tensor) -> Tensor:
+    return torch.softmax(z, dim=-1)
+
+
+SIMPLEX_MAPS: dict[str, Callable[[Tensor], Tensor]] = {"softmax": _softmax, "sparsemax": sparsemax}
+"""Maps from ``(..., K)`` scaled logits to points of the simplex, by name. A map must return values in [0, 1]."""
+
+
+def margin_radius(p_lower: np.ndarray | float, p_upper_other: np.ndarray | float, sigma: float) -> np.ndarray:
+    r"""Lipschitz-margin radius :math:`\sigma\sqrt{\pi/2}\,(\underline p_A - \overline p_B)`, 0 where not positive.
+
+    :math:`g_A - g_B` is :math:`\sqrt{2/\pi}/\sigma`-Lipschitz when :math:`h_A - h_B \in [-1, 1]` (see the module
+    docstring), so with :math:`\underline p_A \le g_A(x)` and :math:`\overline p_B \ge \max_{B\ne A} g_B(x)`
+    the smoothed prediction stays :math:`A` on the open ball of this radius. Rounded down.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0; got {sigma}")
+    gap = np.asarray(p_lower, dtype=np.float64) - np.asarray(p_upper_other, dtype=np.float64)
+    radius = sigma * math.sqrt(math.pi / 2) * np.maximum(gap, 0.0)
+    return round_down(radius * _RADIUS_SHRINK)
+
+
+def lvm_radius(p_lower: np.ndarray | float, p_upper_other: np.ndarray | float, sigma: float) -> np.ndarray:
+    r"""Certified l2 radius :math:`\max(R_\Phi, R_L)` of the smoothed simplex map; 0 where :math:`\underline p_A \le
+    \overline p_B`.
+
+    Guarantee: if :math:`\underline p_A \le g_A(x)` and :math:`\overline p_B \ge \max_{B \ne A} g_B(x)` for a
+    smoothed map :math:`g` with coordinates in [0, 1], then :math:`\arg\max_c g_c(x') = A` for every
+    :math:`\|x' - x\|_2 <` the returned radius. :math:`R_\Phi = \tfrac\sigma2(\Phi^{-1}(\underline p_A) -
+    \Phi^{-1}(\overline p_B))` (Salman et al. 2019), :math:`R_L = \sigma\sqrt{\pi/2}(\underline p_A -
+    \overline p_B)` (:func:`margin_radius`). Rounded down (module Note [summation error]).
+
+    Example:
+        >>> r = lvm_radius(0.9, 0.1, sigma=1.0)  # Cohen's two-class form: Phi^-1(0.9) = 1.2815515655446004
+        >>> 1.2815515 < float(r) < 1.2815515655446004
+        True
+    """
+    cohen = two_class_radius(p_lower, p_upper_other, sigma)
+    margin = margin_radius(p_lower, p_upper_other, sigma)
+    return round_down(np.maximum(cohen, margin) * _RADIUS_SHRINK)
+
+
+def lvm_bounds(
+    mean: np.ndarray, var: np.ndarray, n: int, alpha: float, top: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Simultaneous bounds :math:`(\underline p_A, \overline p_B)` from sample means and variances of ``n`` draws.
+
+    ``mean`` and ``var`` have shape ``(..., K)`` (values in [0, 1], unbiased variance); ``top`` (shape ``(...)``)
+    holds the class :math:`A`, which must have been chosen independently of these draws. With probability at
+    least :math:`1 - \alpha`, :math:`\underline p_A \le g_A` and :math:`\overline p_B \ge \max_{B \ne A} g_B`:
+    empirical-Bernstein lower bound on :math:`A` at :math:`\alpha/2`, upper bounds on each other class at
+    :math:`\alpha/(2(K-1))`, Bonferroni (module Notes [alpha split] and [summation error]).
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    num_classes = mean.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes; got {num_classes}")
+    slack = 4.0 * n * 2.0**-53
+    var_hi = np.maximum(var, 0.0) + slack
+    lower = empirical_bernstein_lower(np.clip(mean - slack, 0.0, 1.0), var_hi, n, alpha / 2)
+    upper = empirical_bernstein_upper(np.clip(mean + slack, 0.0, 1.0), var_hi, n, alpha / (2 * (num_classes - 1)))
+    top = np.asarray(top, dtype=np.int64)[..., None]
+    p_lower = np.take_along_axis(lower, top, axis=-1)[..., 0]
+    others = np.where(np.arange(num_classes) == top, -np.inf, upper)
+    return p_lower, others.max(axis=-1)
+
+
+class LVMCertificate(NamedTuple):
+    """Per-image result of :meth:`LVMSmooth.certify_detailed` (tensors of length ``N`` on the input's device)."""
+
+    prediction: Tensor
+    """Certified class, or ``ABSTAIN``."""
+    radius: Tensor
+    """Certified l2 radius (float64), 0 on abstention."""
+    map_index: Tensor
+    """Index into ``maps`` of the map chosen on the selection draws."""
+    temperature: Tensor
+    """Inverse temperature chosen on the selection draws (float64)."""
+    p_lower: Tensor
+    """Lower bound on :math:`g_A(x)` (float64)."""
+    p_upper: Tensor
+    """Upper bound on :math:`\\max_{B \\ne A} g_B(x)` (float64)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class LVMSmooth:
+    r"""LVM-RS certifier for ``base_model`` (logits of shape ``(B, num_classes)``) under noise
+    :math:`\mathcal N(0, \sigma^2 I)`.
+
+    Args:
+        base_model: the classifier; put in eval mode while certifying (Note [eval mode]) and restored after.
+        num_classes: number of logits ``K >= 2``.
+        sigma: noise level.
+        maps: simplex maps, names from :data:`SIMPLEX_MAPS` or callables ``(..., K) -> (..., K)`` with values in
+            [0, 1] (values are clamped to [0, 1], which keeps the bounds valid for whatever map results).
+        temperatures: the *inverse* temperatures :math:`s > 0`; the map is applied to :math:`s f(x)`.
+        input_range: ``(low, high)`` that inputs must lie in (the noisy copies are not clipped), or ``None``.
+
+    # Note [eval mode]
+    The bounds assume i.i.d. draws; a BatchNorm in training mode would couple the noisy copies that share a
+    batch, so the model is switched to eval mode for the duration of a call.
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> pred, radius = LVMSmooth(model, 2, sigma=0.5).certify(torch.rand(3, 2), 32, 256, 0.001, 512, 0)
+        >>> bool((radius >= 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        num_classes: int,
+        sigma: float,
+        *,
+        maps: Sequence[str | Callable[[Tensor], Tensor]] = ("softmax", "sparsemax"),
+        temperatures: Sequence[float] = (0.5, 1, 2, 4, 8, 16),
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> None:
+        if not _is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 < sigma < math.inf):
+            raise ValueError(f"sigma must be a finite number > 0; got {sigma!r}")
+        if isinstance(maps, str):
+            maps = (maps,)
+        if len(maps) == 0:
+            raise ValueError(f"maps must name at least one of {', '.join(repr(m) for m in SIMPLEX_MAPS)}")
+        self._map_fns: list[Callable[[Tensor], Tensor]] = []
+        for m in maps:
+            if callable(m):
+                self._map_fns.append(m)
+            elif m in SIMPLEX_MAPS:
+                self._map_fns.append(SIMPLEX_MAPS[m])
+            else:
+                raise ValueError(
+                    f"map must be a callable or one of {', '.join(repr(k) for k in SIMPLEX_MAPS)}; got {m!r}"
+                )
+        temps = [float(t) for t in temperatures]
+        if len(temps) == 0 or not all(0 < t < math.inf for t in temps):
+            raise ValueError(f"temperatures must be finite numbers > 0 (at least one); got {tuple(temperatures)!r}")
+        if input_range is not None:
+            low, high = (float(v) for v in input_range)
+            if not low < high:
+                raise ValueError(f"input_range must be (low, high) with low < high, or None; got {input_range!r}")
+            input_range = (low, high)
+        self.base_model = base_model
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self.maps = tuple(maps)
+        self.temperatures = tuple(temps)
+        self.input_range = input_range
+
+    @property
+    def num_candidates(self) -> int:
+        """Number of (map, temperature) pairs searched on the selection draws."""
+        return len(self._map_fns) * len(self.temperatures)
+
+    def simplex_values(self, logits: Tensor) -> Tensor:
+        """``(B, maps * temperatures, K)`` float64 values in [0, 1] of every candidate map at every temperature."""
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the base model must return logits of shape (B, {self.num_classes}); got {tuple(logits.shape)}"
+            )
+        s = torch.tensor(self.temperatures, dtype=torch.float64, device=logits.device)
+        scaled = logits.to(torch.float64)[:, None, :] * s[None, :, None]
+        values = torch.stack([fn(scaled) for fn in self._map_fns], dim=1)
+        return values.clamp(0.0, 1.0).reshape(len(logits), -1, self.num_classes)
+
+    def _flat_values(self, logits: Tensor) -> Tensor:
+        # Flattened to (B, C * K): CPU ``index_add_`` is much slower on small trailing 2-D slices.
+        return self.simplex_values(logits).reshape(len(logits), -1)
+
+    def _check(self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            raise ValueError("x must be a tensor of shape (N, ...) holding a batch of inputs")
+        if not _is_int(n0) or n0 < 1:
+            raise ValueError(f"n0 must be an int >= 1; got {n0!r}")
+        if not _is_int(n) or n < 2:
+            raise ValueError(f"n must be an int >= 2 (the empirical-Bernstein bound needs 2 samples); got {n!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
+            raise ValueError(f"alpha must be in (0, 1); got {alpha!r}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor; got {x.dtype}")
+        if torch.isnan(x).any():
+            raise ValueError("x contains NaN")
+        if self.input_range is not None and x.numel() > 0:
+            low, high = self.input_range
+            if x.min() < low or x.max() > high:
+                raise ValueError(f"x must lie in input_range [{low}, {high}]; got values in [{x.min()}, {x.max()}]")
+
+    def certify(
+        self,
+        x: Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""Certified predictions and l2 radii for a batch ``x`` of shape ``(N, ...)``.
+
+        Guarantee: for each image, with probability at least :math:`1 - \alpha` over the noise, either the
+        prediction is ``ABSTAIN`` (radius 0), or :math:`\arg\max_c g_c(x') = ` prediction for every
+        :math:`\|x' - x\|_2 <` radius, where :math:`g` is the smoothed map with the (map, temperature) chosen
+        on this image's selection draws (see :meth:`certify_detailed`).
+
+        Returns:
+            ``(prediction, radius)``: a long tensor and a float64 tensor of shape ``(N,)`` on ``x``'s device.
+        """
+        result = self.certify_detailed(x, n0, n, alpha, batch_size, generator)
+        return result.prediction, result.radius
+
+    def certify_detailed(
+        self,
+        x: Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | int | None = None,
+    ) -> LVMCertificate:
+        r"""Like :meth:`certify`, also returning the chosen map, temperature and the two bounds.
+
+        1. Selection (``n0`` draws per image): sample means and variances of every candidate map; per
+           candidate, :math:`A` = the top class and the radius that :func:`lvm_bounds` would give with these
+           statistics and ``n`` draws; keep the candidate with the largest predicted radius (or, when all are
+           0, the largest predicted :math:`\underline p_A - \overline p_B`).
+        2. Estimation (``n`` fresh draws): :func:`lvm_bounds` for the chosen candidate and class, then
+           :func:`lvm_radius`; abstain when :math:`\underline p_A \le \overline p_B` or the model returned
+           non-finite logits.
+
+        Caveat: the (map, temperature) may differ between inputs, so the certificate is about the smoothed
+        classifier of the candidate chosen *for this input*; to certify one fixed classifier everywhere, pass a
+        single map and a single temperature.
+        """
+        self._check(x, n0, n, alpha, batch_size)
+        model = self.base_model
+        param = next(iter(model.parameters()), None)
+        if param is None:
+            param = next(iter(model.buffers()), None)
+        device = x.device if param is None else param.device
+        dtype = param.dtype if param is not None and param.is_floating_point() else x.dtype
+        x_dev = x.to(device=device, dtype=dtype)
+        n_img = len(x)
+        if n_img == 0:
+            empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+            index = torch.zeros(0, dtype=torch.long, device=x.device)
+            return LVMCertificate(index, empty, index, empty, empty, empty)
+        gen = make_generator(generator, device)
+
+        was_training = model.training
+        model.eval()  # Note [eval mode]
+        try:
+            # Note [selection and estimation]: the estimation call continues the generator, so its draws are fresh.
+            sel_mean, sel_var = mean_and_variance(model, x_dev, n0, self.sigma, batch_size, gen, self._flat_values)
+            est_mean, est_var = mean_and_variance(model, x_dev, n, self.sigma, batch_size, gen, self._flat_values)
+        finally:
+            model.train(was_training)
+
+        shape = (n_img, self.num_candidates, self.num_classes)
+        sel_mean, sel_var = sel_mean.cpu().numpy().reshape(shape), sel_var.cpu().numpy().reshape(shape)
+        choice, top = self._select(sel_mean, sel_var, n, alpha)
+        rows = np.arange(n_img)
+        mean = est_mean.cpu().numpy().reshape(shape)[rows, choice]
+        var = est_var.cpu().numpy().reshape(shape)[rows, choice]
+        finite = np.isfinite(mean).all(axis=-1) & np.isfinite(var).all(axis=-1)
+        mean, var = np.where(finite[:, None], mean, 0.5), np.where(finite[:, None], var, 0.25)
+        p_lower, p_upper = lvm_bounds(mean, var, n, alpha, top)
+        certified = finite & (p_lower > p_upper)
+        radius = np.where(certified, lvm_radius(p_lower, p_upper, self.sigma), 0.0)
+        prediction = np.where(certified, top, ABSTAIN)
+
+        def out(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a)).to(device=x.device, dtype=dtype)
+
+        temps = np.asarray(self.temperatures, dtype=np.float64)
+        return LVMCertificate(
+            prediction=out(prediction, torch.long),
+            radius=out(radius, torch.float64),
+            map_index=out(choice // len(temps), torch.long),
+            temperature=out(temps[choice % len(temps)], torch.float64),
+            p_lower=out(np.where(finite, p_lower, 0.0), torch.float64),
+            p_upper=out(np.where(finite, p_upper, 1.0), torch.float64),
+        )
+
+    def _select(self, mean: np.ndarray, var: np.ndarray, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate index and top class per image, from the selection statistics ``(N, C, K)`` only."""
+        finite = np.isfinite(mean).all(axis=-1) & np.isfinite(var).all(axis=-1)
+        mean = np.where(finite[..., None], mean, 0.5)
+        var = np.where(finite[..., None], var, 0.25)
+        top = mean.argmax(axis=-1)
+        p_lower, p_upper = lvm_bounds(mean, var, n, alpha, top)
+        radius = lvm_radius(p_lower, p_upper, self.sigma)
+        # Where no candidate is predicted to certify, prefer the one closest to certifying (a negative score).
+        score = np.where(p_lower > p_upper, radius, self.sigma * math.sqrt(math.pi / 2) * (p_lower - p_upper))
+        score = np.where(finite, score, -np.inf)
+        choice = score.argmax(axis=-1)
+        return choice, np.take_along_axis(top, choice[:, None], axis=-1)[:, 0]

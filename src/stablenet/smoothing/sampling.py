@@ -1,0 +1,113 @@
+"""Monte-Carlo sampling of a base model under Gaussian noise, batched across images and noise draws.
+
+``n`` noisy copies of each of ``N`` images are pushed through the model in batches of ``batch_size`` rows;
+when ``n < batch_size`` a batch holds several images, so small models keep a GPU busy. Reductions (class
+counts, sums of a map and of its square) accumulate on the model's device; nothing goes back to the host
+inside the loop.
+
+# Note [noise generator]
+Noise comes from ``torch.randn(..., generator=g, device=model_device)``, so ``g`` must live on the model's
+device. :func:`make_generator` builds one from an int seed. Certification uses one generator for the
+selection draws and continues with it for the estimation draws, which are therefore fresh samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["class_counts", "make_generator", "mean_and_variance", "noisy_outputs"]
+
+
+def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` (an int seeds it; an existing generator must be on that device)."""
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != device.type:
+            raise ValueError(
+                f"generator is on {seed.device} but the model is on {device}; make it on the model's device"
+            )
+        return seed
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def noisy_outputs(
+    model: nn.Module, x: Tensor, num: int, sigma: float, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(image_index, logits)`` chunks: logits of ``model(x[i] + sigma * noise)``, ``num`` per image.
+
+    ``image_index`` is a ``(B,)`` long tensor on the model's device saying which image each row belongs to.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size must be >= 1; got {num} and {batch_size}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0; got {sigma}")
+    device = x.device
+    n_img = len(x)
+    per_batch = max(1, min(n_img, batch_size // num)) if num < batch_size else 1
+    for start in range(0, n_img, per_batch):
+        group = x[start : start + per_batch]
+        remaining = num
+        while remaining > 0:
+            reps = min(remaining, max(1, batch_size // len(group)))
+            batch = group.repeat_interleave(reps, dim=0)
+            noise = torch.randn(batch.shape, generator=generator, device=device, dtype=batch.dtype)
+            logits = model(batch + sigma * noise)
+            index = torch.arange(start, start + len(group), device=device).repeat_interleave(reps)
+            yield index, logits
+            remaining -= reps
+
+
+@torch.no_grad()
+def class_counts(
+    model: nn.Module,
+    x: Tensor,
+    num: int,
+    sigma: float,
+    num_classes: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """``(N, num_classes)`` counts of the base model's top class over ``num`` noisy copies of each image."""
+    counts = torch.zeros(len(x), num_classes, dtype=torch.long, device=x.device)
+    for index, logits in noisy_outputs(model, x, num, sigma, batch_size, generator):
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            raise ValueError(
+                f"the base model must return logits of shape (batch, num_classes) = ({len(index)}, {num_classes}); "
+                f"got {tuple(logits.shape)}"
+            )
+        counts.index_put_((index, logits.argmax(dim=1)), torch.ones_like(index), accumulate=True)
+    return counts
+
+
+@torch.no_grad()
+def mean_and_variance(
+    model: nn.Module,
+    x: Tensor,
+    num: int,
+    sigma: float,
+    batch_size: int,
+    generator: torch.Generator,
+    transform: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Per-image sample mean and unbiased variance of ``transform(logits)`` (shape ``(N, ..., K)``), in float64.
+
+    ``transform`` maps ``(B, K)`` logits to ``(B, ..., K)`` values (e.g. softmax at several temperatures).
+    """
+    total = total_sq = None
+    for index, logits in noisy_outputs(model, x, num, sigma, batch_size, generator):
+        values = transform(logits).to(torch.float64)
+        if total is None:
+            total = torch.zeros(len(x), *values.shape[1:], dtype=torch.float64, device=x.device)
+            total_sq = torch.zeros_like(total)
+        total.index_add_(0, index, values)
+        total_sq.index_add_(0, index, values * values)
+    mean = total / num
+    var = (total_sq - num * mean * mean) / max(num - 1, 1)
+    return mean, var.clamp_min(0.0)

@@ -1,0 +1,97 @@
+"""Certification runs: smoothing methods through the runner, and sharding under torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stablenet.certify.records import read_metadata, read_records
+from stablenet.certify.run import SmoothingParams, certify_run
+
+
+def test_smoothing_params_validation():
+    for kwargs, message in [
+        (dict(sigma=0.0), "--sigma must be > 0"),
+        (dict(sigma=0.5, n=0), "--n0 and --n must be >= 1"),
+        (dict(sigma=0.5, alpha=1.5), r"--alpha must be in \(0, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SmoothingParams(**kwargs)
+
+
+def test_smoothing_run_writes_records_and_metadata(tmp_path, trained_digits_run):
+    out = tmp_path / "smooth.jsonl"
+    params = SmoothingParams(sigma=0.25, n0=20, n=200, alpha=0.01, seed=1)
+    certify_run(
+        trained_digits_run.run_dir,
+        out,
+        method="smoothing",
+        smoothing=params,
+        max_examples=12,
+        batch_size=100,
+        progress=False,
+    )
+    records = read_records(out)
+    assert [r.index for r in records] == list(range(12))
+    assert all(r.method == "smoothing" and r.radius >= 0 for r in records)
+    meta = read_metadata(out)
+    assert meta["sigma"] == 0.25 and meta["n"] == 200 and meta["dataset"] == "digits"
+    again = tmp_path / "again.jsonl"
+    certify_run(
+        trained_digits_run.run_dir,
+        again,
+        method="smoothing",
+        smoothing=params,
+        max_examples=12,
+        batch_size=100,
+        progress=False,
+    )
+    assert [(r.prediction, r.radius) for r in read_records(again)] == [(r.prediction, r.radius) for r in records]
+    with pytest.raises(ValueError, match="needs smoothing parameters"):
+        certify_run(trained_digits_run.run_dir, tmp_path / "x.jsonl", method="smoothing", progress=False)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun not installed",
+)
+def test_torchrun_sharding_merges_to_the_single_process_result(tmp_path, trained_digits_run):
+    single = tmp_path / "single.jsonl"
+    certify_run(trained_digits_run.run_dir, single, max_examples=40, progress=False)
+    sharded = tmp_path / "sharded.jsonl"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "stablenet.cli",
+            "--",
+            "certify",
+            "--run",
+            str(trained_digits_run.run_dir),
+            "--out",
+            str(sharded),
+            "--max-examples",
+            "40",
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    strip = lambda rs: [(r.index, r.label, r.prediction, r.radius, r.correct) for r in rs]  # noqa: E731
+    assert strip(read_records(sharded)) == strip(read_records(single))
+    assert not list(tmp_path.glob("sharded.jsonl.rank*")), "shard files left behind"
+    assert json.loads(Path(str(sharded) + ".meta.json").read_text())["method"] == "lipschitz"

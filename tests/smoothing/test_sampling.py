@@ -1,0 +1,150 @@
+"""Tests for stablenet.smoothing.sampling: batching across images and draws, seeding, and moments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stablenet.smoothing import sampling
+
+
+class RowCounter(nn.Module):
+    """A random linear classifier on flattened inputs that records the size of every batch it sees."""
+
+    def __init__(self, in_features: int, num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(in_features, num_classes)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(len(x))
+        return self.linear(x.flatten(1))
+
+
+class Constant(nn.Module):
+    def __init__(self, num_classes: int, label: int) -> None:
+        super().__init__()
+        self.num_classes, self.label = num_classes, label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), self.num_classes, device=x.device)
+        logits[:, self.label] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize(
+    ("n_img", "num", "batch_size"),
+    [(5, 3, 16), (5, 10, 4), (3, 7, 7), (4, 16, 5), (1, 1, 1), (6, 5, 11), (7, 2, 3), (2, 100, 1000)],
+)
+def test_counts_sum_to_num_for_every_image(n_img, num, batch_size):
+    model = RowCounter(2 * 3 * 3, 4)
+    x = torch.rand(n_img, 2, 3, 3)
+    gen = sampling.make_generator(0, torch.device("cpu"))
+    counts = sampling.class_counts(model, x, num, 0.5, 4, batch_size, gen)
+    assert counts.shape == (n_img, 4) and counts.dtype == torch.long
+    assert torch.equal(counts.sum(dim=1), torch.full((n_img,), num))
+    assert sum(model.batch_sizes) == n_img * num
+    assert max(model.batch_sizes) <= max(batch_size, 1)
+    if 2 * num <= batch_size and n_img > 1:
+        assert len(model.batch_sizes) < n_img  # several images share a forward pass
+
+
+def test_noisy_outputs_index_each_row_by_its_image():
+    x = torch.arange(4.0).view(4, 1, 1, 1) * 100.0  # images far apart, so rows reveal their image
+    seen = torch.zeros(4, dtype=torch.long)
+    gen = sampling.make_generator(1, torch.device("cpu"))
+    for index, out in sampling.noisy_outputs(nn.Flatten(), x, 6, 0.1, 5, gen):
+        assert torch.equal((out[:, 0] / 100.0).round().long(), index)
+        seen += torch.bincount(index, minlength=4)
+    assert torch.equal(seen, torch.full((4,), 6))
+
+
+def test_same_seed_same_counts_and_other_seed_other_counts():
+    model = RowCounter(12, 3, seed=3)
+    x = torch.rand(4, 3, 2, 2)
+
+    def counts(seed):
+        return sampling.class_counts(model, x, 200, 1.0, 3, 64, sampling.make_generator(seed, torch.device("cpu")))
+
+    first = counts(7)
+    assert torch.equal(first, counts(7))
+    assert (first > 0).sum() > 4  # the votes are split, so a different noise stream must show
+    assert not torch.equal(first, counts(8))
+
+
+def test_a_generator_object_continues_its_stream():
+    model = RowCounter(12, 3, seed=3)
+    x = torch.rand(2, 3, 2, 2)
+    gen = sampling.make_generator(5, torch.device("cpu"))
+    assert sampling.make_generator(gen, torch.device("cpu")) is gen
+    a = sampling.class_counts(model, x, 300, 1.0, 3, 64, gen)
+    b = sampling.class_counts(model, x, 300, 1.0, 3, 64, gen)
+    assert not torch.equal(a, b)
+
+
+def test_constant_classifier_puts_every_count_in_its_class():
+    x = torch.rand(3, 1, 4, 4)
+    gen = sampling.make_generator(0, torch.device("cpu"))
+    counts = sampling.class_counts(Constant(5, 3), x, 37, 2.0, 5, 10, gen)
+    expected = torch.zeros(3, 5, dtype=torch.long)
+    expected[:, 3] = 37
+    assert torch.equal(counts, expected)
+
+
+def test_mean_and_variance_of_a_linear_model_match_the_closed_form():
+    # logits = A x + b + sigma A delta: mean A x + b, variance sigma^2 ||A_k||^2 per output k.
+    torch.manual_seed(0)
+    d, k, sigma, num = 6, 3, 0.7, 20_000
+    linear = nn.Linear(d, k).double()
+    model = nn.Sequential(nn.Flatten(), linear)
+    x = torch.rand(2, 1, 2, 3, dtype=torch.float64)
+    gen = sampling.make_generator(11, torch.device("cpu"))
+    mean, var = sampling.mean_and_variance(model, x, num, sigma, 4096, gen, transform=lambda z: z)
+    assert mean.shape == var.shape == (2, k) and mean.dtype == var.dtype == torch.float64
+    with torch.no_grad():
+        true_mean = linear(x.flatten(1))
+        true_var = (sigma**2 * linear.weight.pow(2).sum(dim=1)).expand(2, k)
+    # five standard errors of each estimator
+    assert torch.all((mean - true_mean).abs() <= 5 * (true_var / num).sqrt())
+    assert torch.all((var - true_var).abs() <= 5 * true_var * (2.0 / (num - 1)) ** 0.5)
+
+
+def test_mean_and_variance_keeps_extra_transform_dimensions():
+    gen = sampling.make_generator(0, torch.device("cpu"))
+    model = RowCounter(4, 3)
+    mean, var = sampling.mean_and_variance(
+        model, torch.rand(5, 1, 2, 2), 9, 0.5, 7, gen, transform=lambda z: torch.stack([z.softmax(1), z], dim=1)
+    )
+    assert mean.shape == var.shape == (5, 2, 3)
+    torch.testing.assert_close(mean[:, 0].sum(dim=1), torch.ones(5, dtype=torch.float64))
+    assert torch.all(var >= 0)
+
+
+def test_generator_on_another_device_type_is_rejected():
+    with pytest.raises(ValueError, match="generator is on cpu") as excinfo:
+        sampling.make_generator(torch.Generator(), torch.device("meta"))
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_generator_with_cuda_model_is_rejected():
+    with pytest.raises(ValueError, match="model's device"):
+        sampling.make_generator(torch.Generator(), torch.device("cuda"))
+
+
+def test_wrong_output_shape_is_a_clear_error():
+    x = torch.rand(2, 1, 2, 2)
+    gen = sampling.make_generator(0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\(batch, num_classes\) = \(\d+, 3\); got \(\d+, 4\)"):
+        sampling.class_counts(RowCounter(4, 4), x, 5, 0.5, 3, 8, gen)
+    with pytest.raises(ValueError, match="num_classes"):
+        sampling.class_counts(lambda z: z.flatten(1).sum(1), x, 5, 0.5, 3, 8, gen)
+
+
+@pytest.mark.parametrize(("num", "batch_size", "sigma"), [(0, 4, 0.5), (4, 0, 0.5), (4, 4, 0.0), (4, 4, -1.0)])
+def test_bad_sampling_arguments(num, batch_size, sigma):
+    gen = sampling.make_generator(0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be"):
+        sampling.class_counts(RowCounter(4, 2), torch.rand(1, 1, 2, 2), num, sigma, 2, batch_size, gen)
