@@ -28,3 +28,5 @@ done
 $PY -m stablenet.cli report "$OUT"/mnist_smoothing_sigma*.jsonl --out "$OUT/report" \
     --names "sigma=0.25,sigma=0.50,sigma=1.00"
 cat "$OUT/report/report.md"
+# Certification throughput vs plain forward (issue 5 benchmark).
+$PY -m stablenet.cli bench smoothing --device "$DEVICE" --json "$OUT/bench_smoothing.jsonl" --quiet
