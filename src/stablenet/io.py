@@ -38,6 +38,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file as 0600; give it the mode a plain open() would (or keep the target's).
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -66,3 +68,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as YAML (block style, keys in insertion order)."""
     return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

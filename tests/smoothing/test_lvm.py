@@ -215,7 +215,9 @@ def test_estimation_uses_fresh_samples_not_the_selection_samples(monkeypatch):
 
     monkeypatch.setattr(lvm, "mean_and_variance", spy)
     n_img, n0, n = 3, 20, 300
-    x = torch.full((n_img, 4), 0.5)
+    # Distinct images: images in one batch share noise draws (Note [noise layout]), so identical images would give
+    # identical rows; per image, every noisy copy must still be a new draw.
+    x = torch.full((n_img, 4), 0.5) + 0.1 * torch.arange(n_img)[:, None]
     model = _Recorder(switch=n_img * n0)
     res = LVMSmooth(model, 2, sigma=0.25).certify_detailed(x, n0, n, 0.01, 64, 0)
     assert calls == [n0, n]
