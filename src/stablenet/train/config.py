@@ -41,9 +41,13 @@ class TrainConfig:
     loss_temperature: float = 0.25
     crop_padding: int = 0
     flip: bool = False
-    noise_sigma: float = (
-        0.0  # Gaussian noise augmentation for randomized smoothing (Cohen et al.): train at the certification sigma
-    )
+    # Gaussian noise augmentation for randomized smoothing (Cohen et al.): train at the certification sigma.
+    noise_sigma: float = 0.0
+    # Curvature regularisers, e.g. [{name: activation_decay, weight: 0.01}] (stablenet.curvature.regularizers).
+    regularizers: list[dict[str, Any]] = field(default_factory=list)
+    # Sharpness-aware minimisation around the optimizer: rho > 0 enables SAM (ASAM with sam_adaptive).
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
     seed: int = 0
     device: str = "auto"
     out: str = "runs/train"
@@ -59,6 +63,7 @@ class TrainConfig:
             (self.loss_temperature > 0, "loss_temperature must be > 0"),
             (self.loss_offset >= 0, "loss_offset must be >= 0"),
             (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
+            (self.sam_rho >= 0, "sam_rho must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -98,6 +103,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return value is None
     if origin is dict:
         return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -110,6 +118,9 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is dict:
         return "a mapping"
+    if typing.get_origin(hint) is list:
+        item = (typing.get_args(hint) or (Any,))[0]
+        return "a list of mappings" if typing.get_origin(item) is dict else f"a list of {_type_name(item)} values"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
