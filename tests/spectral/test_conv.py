@@ -166,3 +166,14 @@ def test_bad_input(kwargs, message):
 def test_power_iteration_keeps_kernel_dtype():
     kernel = torch.randn(3, 3, 3, 3, dtype=torch.float64)
     assert conv_spectral_norm(kernel, 6, "zeros", method="power", n_iter=5).dtype == torch.float64
+
+
+@pytest.mark.parametrize("padding_size", [0, (0, 0), (1, 0), (0, 2), "valid", "same", 1])
+def test_numeric_padding_sizes_including_zero(padding_size):
+    kernel = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    exact = explicit_norm(kernel, 6, padding="zeros", padding_size=padding_size)
+    assert conv_spectral_norm_upper_bound(kernel, 6, padding="zeros", padding_size=padding_size) >= exact
+    with pytest.raises(ValueError, match="padding_size must be"):
+        conv_spectral_norm(kernel, 6, "zeros", padding_size="full")
+    with pytest.raises(ValueError, match="padding_size must be a non-negative int"):
+        conv_spectral_norm(kernel, 6, "zeros", padding_size=-1)

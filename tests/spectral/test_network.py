@@ -483,3 +483,11 @@ def test_lower_bound_of_stablenet_mlp():
     net = nn.Sequential(nn.Flatten(), SLLLinear(12), GroupSort(2), SLLLinear(12)).eval()
     lower = lipschitz_lower_bound(net, torch.randn(4, 3, 4))
     assert 0.1 < lower <= lipschitz_upper_bound(net, input_shape=(3, 4))
+
+
+def test_conv_with_zero_padding_tuple_is_bounded():
+    net = nn.Sequential(nn.Conv2d(2, 3, 1, padding=0), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=(1, 0))).double()
+    bound = lipschitz_upper_bound(net, input_shape=(2, 6, 6))
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: net(v[None])[0], x)
+    assert spectral_norm_exact(jac.reshape(-1, x.numel())) <= bound

@@ -59,10 +59,11 @@ DEFAULT_MAX_MEMORY_BYTES = 1 << 30
 _EXPLICIT_MAX_ENTRIES = 1 << 24
 
 
-def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
+def _tuple(value: int | Sequence[int], nd: int, name: str, minimum: int = 1) -> tuple[int, ...]:
     out = (value,) * nd if isinstance(value, int) else tuple(value)
-    if len(out) != nd or not all(isinstance(v, int) and v >= 1 for v in out):
-        raise ValueError(f"{name} must be a positive int or a tuple of {nd} positive ints; got {value!r}")
+    if len(out) != nd or not all(isinstance(v, int) and v >= minimum for v in out):
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} int or a tuple of {nd} {kind} ints; got {value!r}")
     return out
 
 
@@ -122,7 +123,9 @@ class _Conv:
             return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in self.k)  # type: ignore[return-value]
         if padding_size == "valid":
             return ((0, 0), (0, 0))
-        p = _tuple(padding_size, nd, "padding_size") if padding_size != 0 else (0,) * nd
+        if isinstance(padding_size, str):
+            raise ValueError(f"padding_size must be 'same', 'valid', an int or a tuple of ints; got {padding_size!r}")
+        p = _tuple(padding_size, nd, "padding_size", minimum=0)
         if self.one_d:
             p = (0, *p)
         return tuple((v, v) for v in p)  # type: ignore[return-value]
