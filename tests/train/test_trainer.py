@@ -80,3 +80,33 @@ def test_noise_augmentation_trains_and_resumes_exactly(tmp_path):
         assert torch.equal(a, b), k
     clean = train(_config(tmp_path / "clean", **{**config, "noise_sigma": 0.0}), progress=False)
     assert not torch.equal(clean.model[1].weight, full.model[1].weight)  # the noise changed training
+
+
+def test_regularizers_and_sam_from_config_train_and_resume(tmp_path):
+    config = dict(
+        model="lenet",
+        model_args={"width": 4, "hidden": 16},
+        loss="ce",
+        epochs=2,
+        regularizers=[{"name": "activation_decay", "weight": 0.05}],
+        sam_rho=0.05,
+    )
+    full = train(_config(tmp_path / "full", **config), progress=False)
+    assert full.metrics[-1]["train_loss"] < full.metrics[0]["train_loss"]
+
+    def kill_after_one(epoch, _row):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_config(tmp_path / "killed", **config), progress=False, callback=kill_after_one)
+    resumed = train(_config(tmp_path / "killed", **config), resume=True, progress=False)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    plain = train(_config(tmp_path / "plain", **{**config, "regularizers": [], "sam_rho": 0.0}), progress=False)
+    assert not torch.equal(plain.model[1].weight, full.model[1].weight)
+
+
+def test_bad_regularizer_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown regulariser 'smoothness'; accepted: activation_decay"):
+        train(_config(tmp_path / "r", regularizers=[{"name": "smoothness", "weight": 1.0}]), progress=False)

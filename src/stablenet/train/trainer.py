@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from stablenet.certify.lipschitz import LipschitzCertifier
 from stablenet.certify.report import STANDARD_RADII
+from stablenet.curvature.regularizers import total_penalty
+from stablenet.curvature.sam import sam_step
 from stablenet.data import DeviceLoader, dataset_info, load_dataset
 from stablenet.io import atomic_write_text, atomic_write_yaml
 from stablenet.models import create_model
@@ -68,9 +70,22 @@ def resolve_device(name: str) -> torch.device:
 
 def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+        cls, kwargs = torch.optim.SGD, {"momentum": config.momentum}
+    else:
+        cls, kwargs = (torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam), {}
+    if config.sam_rho > 0:
+        from stablenet.curvature.sam import SAM
+
+        return SAM(
+            params,
+            cls,
+            rho=config.sam_rho,
+            adaptive=config.sam_adaptive,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            **kwargs,
+        )
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, **kwargs)
 
 
 def _lr_at(config: TrainConfig, step: int, total: int) -> float:
@@ -113,6 +128,19 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, radiu
         certified += int((ok & (rad >= radius)).sum())
     n = max(len(images), 1)
     return correct / n, (certified / n if certifier is not None else float("nan"))
+
+
+def _build_regularizers(config: TrainConfig, model: nn.Module) -> list:
+    """Regularisers from ``config.regularizers``; activation decay captures features during the training forward."""
+    if not config.regularizers:
+        return []
+    from stablenet.curvature.regularizers import regularizers_from_config
+
+    regs = regularizers_from_config(config.regularizers)
+    for reg in regs:
+        if hasattr(reg, "attach"):
+            reg.attach(model)
+    return regs
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, float]]) -> None:
@@ -200,6 +228,7 @@ def train(
     x_train, y_train = train_set.images.to(device), train_set.labels.to(device)
     x_test, y_test = test_set.images.to(device), test_set.labels.to(device)
     loss_fn = create_loss(config.loss, config.loss_offset, config.loss_temperature)
+    regularizers = _build_regularizers(config, model)
     radius = STANDARD_RADII.get(config.dataset, (0.5,))[0]
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -234,15 +263,28 @@ def train(
                 group["lr"] = _lr_at(config, epoch * steps_per_epoch + i, total_steps)
             if config.noise_sigma > 0:
                 x = x + config.noise_sigma * torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
-            logits = model(x)
-            loss = loss_fn(logits, y)
+            outputs: dict[str, torch.Tensor] = {}
+
+            def objective(x=x, y=y, outputs=outputs) -> torch.Tensor:
+                logits = model(x)
+                outputs.setdefault("logits", logits)
+                value = loss_fn(logits, y)
+                if regularizers:
+                    value = value + total_penalty(regularizers, model, x, y, logits, loss_fn)
+                return value
+
+            if config.sam_rho > 0:
+                loss = sam_step(model, optimizer, objective)  # Note: BN statistics are updated once per step
+            else:
+                loss = objective()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at epoch {epoch}, step {i}; lower lr (now {config.lr})"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits = outputs["logits"]
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
