@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -107,8 +108,55 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     _add_quiet(p)
 
+    p = sub.add_parser(
+        "hessian",
+        allow_abbrev=False,
+        help="top eigenvalues, trace and spectral density of a run's loss Hessian",
+        description="Hessian of the mean cross-entropy over the first N test images of a run's data set, with "
+        "respect to all trainable parameters (eval mode): top eigenvalues by Lanczos, optionally Hutchinson's "
+        "trace with its standard error and the spectral density by stochastic Lanczos quadrature.",
+    )
+    p.add_argument("--run", required=True, help="run directory (holding model.safetensors)")
+    p.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (default 1)")
+    p.add_argument("--method", default="lanczos", help="eigenvalue method: lanczos or power (default lanczos)")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative change that stops the eigensolver (1e-3)")
+    p.add_argument("--max-iter", type=int, default=100, help="eigensolver products at most (default 100)")
+    p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson, Rademacher)")
+    p.add_argument("--trace-samples", type=int, default=100, help="Hutchinson samples (default 100)")
+    p.add_argument("--density", action="store_true", help="also estimate the spectral density (SLQ)")
+    p.add_argument("--density-runs", type=int, default=10, help="SLQ runs (default 10)")
+    p.add_argument("--density-steps", type=int, default=50, help="Lanczos steps per SLQ run (default 50)")
+    p.add_argument("--num-examples", type=int, default=1000, help="test images used (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per forward pass (default 256)")
+    p.add_argument("--data-root", default=None, help="directory holding the data set files")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default 0)")
+    p.add_argument("--json", required=True, help="write the results to this JSON file")
+    _add_quiet(p)
+
+    p = sub.add_parser(
+        "landscape",
+        allow_abbrev=False,
+        help="loss-landscape slice of a run along filter-normalised random directions (Li et al. 2018)",
+        description="Mean cross-entropy and accuracy on the first N test images at w + a d1 (+ b d2), d1 and d2 "
+        "random Gaussian directions normalised filter by filter (biases and BatchNorm left out). Writes "
+        "OUT/landscape.npz (alphas, betas, loss, accuracy; resumable: a rerun skips the points done) and "
+        "landscape_1d.png, or landscape_2d_contour.png and landscape_2d_surface.png.",
+    )
+    p.add_argument("--run", required=True, help="run directory (holding model.safetensors)")
+    p.add_argument("--dims", type=int, default=2, help="1 (a line) or 2 (a grid; default)")
+    p.add_argument("--resolution", type=int, default=None, help="points per axis (default 51 for 1-D, 21 for 2-D)")
+    p.add_argument("--span", type=float, default=1.0, help="coefficients run from -SPAN to SPAN (default 1.0)")
+    p.add_argument("--num-examples", type=int, default=1000, help="test images used (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per forward pass (default 256)")
+    p.add_argument("--data-root", default=None, help="directory holding the data set files")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_quiet(p)
+
     p = sub.add_parser("bench", allow_abbrev=False, help="benchmarks (timings and tightness as JSON rows)")
-    p.add_argument("suite", choices=["spectral", "smoothing"], help="which benchmark")
+    p.add_argument("suite", choices=["spectral", "smoothing", "curvature"], help="which benchmark")
     p.add_argument("--quick", action="store_true", help="a subset of layers, one repeat")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
@@ -265,6 +313,169 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _run_test_subset(
+    run: str, num_examples: int, batch_size: int, data_root: str | None, device_name: str
+) -> tuple[Any, dict[str, Any], list[tuple[Any, Any]]]:
+    """The run's model on its device, its metadata, and its first test images in batches on that device."""
+    from stablenet.data import load_dataset
+    from stablenet.train.checkpoint import load_model, read_model_metadata
+    from stablenet.train.trainer import resolve_device
+
+    if num_examples < 1:
+        raise ValueError(f"--num-examples must be >= 1; got {num_examples}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
+    device = resolve_device(device_name)
+    meta = read_model_metadata(run)
+    if "dataset" not in meta:
+        raise ValueError(f"checkpoint {run} does not name its data set, so there are no test images to use")
+    model = load_model(run, map_location=device)
+    data = load_dataset(meta["dataset"], "test", root=data_root)
+    x, y = data.images[:num_examples].to(device), data.labels[:num_examples].to(device)
+    return model, meta, [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def _hessian(args: argparse.Namespace) -> int:
+    import torch
+    from torch.nn import functional
+
+    from stablenet.curvature.hessian import Hessian
+    from stablenet.io import atomic_write_json
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1; got {args.top_k}")
+    if args.trace and args.trace_samples < 2:
+        raise ValueError(f"--trace-samples must be >= 2 (for a standard error); got {args.trace_samples}")
+    if args.density and (args.density_runs < 1 or args.density_steps < 1):
+        raise ValueError(
+            f"--density-runs and --density-steps must be >= 1; got {args.density_runs}, {args.density_steps}"
+        )
+    model, meta, batches = _run_test_subset(args.run, args.num_examples, args.batch_size, args.data_root, args.device)
+    n = sum(len(x) for x, _ in batches)
+    hessian = Hessian(model, functional.cross_entropy, batches)
+    generator = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    values, _ = hessian.eigenvalues(
+        k=args.top_k, method=args.method, max_iter=args.max_iter, tol=args.tol, generator=generator
+    )
+    top = [float(v) for v in values]
+    record: dict[str, Any] = {
+        "run": str(args.run),
+        "dataset": meta["dataset"],
+        "split": "test",
+        "num_examples": n,
+        "num_parameters": hessian.dim,
+        "loss": "cross_entropy",
+        "seed": args.seed,
+        "method": args.method,
+        "tol": args.tol,
+        "top_eigenvalues": top,
+        "eigen_num_hvp": hessian.last_num_hvp,
+        "eigen_converged": bool(getattr(hessian.last_result, "converged", True)),
+        "eigen_time_s": time.perf_counter() - t0,
+    }
+    print(f"top eigenvalues ({args.method}, {hessian.last_num_hvp} Hessian-vector products, {n} test images):")
+    for i, v in enumerate(top, start=1):
+        print(f"  lambda_{i} = {v:.6g}")
+    if args.trace:
+        t0 = time.perf_counter()
+        estimate, se = hessian.trace(num_samples=args.trace_samples, generator=generator)
+        record["trace"] = {
+            "estimate": estimate,
+            "standard_error": se,
+            "num_samples": args.trace_samples,
+            "time_s": time.perf_counter() - t0,
+        }
+        print(f"trace (Hutchinson, {args.trace_samples} samples): {estimate:.6g} ± {se:.3g}")
+    if args.density:
+        t0 = time.perf_counter()
+        grid, density = hessian.density(num_runs=args.density_runs, num_steps=args.density_steps, generator=generator)
+        record["density"] = {
+            "grid": grid.tolist(),
+            "density": density.tolist(),
+            "num_runs": args.density_runs,
+            "num_steps": args.density_steps,
+            "num_hvp": hessian.last_num_hvp,
+            "time_s": time.perf_counter() - t0,
+        }
+        print(f"spectral density (SLQ): {len(grid)} points on [{float(grid[0]):.4g}, {float(grid[-1]):.4g}]")
+    print(f"hessian: {atomic_write_json(args.json, record)}")
+    return 0
+
+
+def _landscape(args: argparse.Namespace) -> int:
+    import torch
+    from torch import nn
+
+    from stablenet.curvature.landscape import (
+        landscape_1d,
+        landscape_2d,
+        plot_landscape_1d,
+        plot_landscape_contour,
+        plot_landscape_surface,
+    )
+
+    if args.dims not in (1, 2):
+        raise ValueError(f"--dims must be 1 or 2; got {args.dims}")
+    resolution = args.resolution if args.resolution is not None else (51 if args.dims == 1 else 21)
+    if resolution < 2:
+        raise ValueError(f"--resolution must be >= 2; got {resolution}")
+    if not args.span > 0:
+        raise ValueError(f"--span must be > 0; got {args.span}")
+    model, meta, batches = _run_test_subset(args.run, args.num_examples, args.batch_size, args.data_root, args.device)
+    out = Path(args.out)
+    grid_path = out / "landscape.npz"
+    common = {
+        "generator": torch.Generator().manual_seed(args.seed),
+        "checkpoint": grid_path,
+        "progress": not args.quiet,
+    }
+    t0 = time.perf_counter()
+    if args.dims == 1:
+        result = landscape_1d(model, nn.CrossEntropyLoss(), batches, steps=resolution, span=args.span, **common)
+        plots = [plot_landscape_1d(result, out / "landscape_1d.png")]
+    else:
+        result = landscape_2d(model, nn.CrossEntropyLoss(), batches, resolution=resolution, span=args.span, **common)
+        plots = [
+            plot_landscape_contour(result, out / "landscape_2d_contour.png"),
+            plot_landscape_surface(result, out / "landscape_2d_surface.png"),
+        ]
+    n = sum(len(x) for x, _ in batches)
+    print(
+        f"{args.dims}-D landscape of {meta['model']} on {n} {meta['dataset']} test images: "
+        f"{result.computed} new points of {result.loss.size} in {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"loss from {float(result.loss.min()):.4g} to {float(result.loss.max()):.4g}")
+    print(f"grid: {grid_path}")
+    for path in plots:
+        print(f"plot: {path}")
+    return 0
+
+
+def _bench_curvature(args: argparse.Namespace) -> int:
+    from stablenet.bench.curvature import bench_curvature
+    from stablenet.bench.spectral import write_rows
+    from stablenet.train.trainer import resolve_device
+
+    rows = bench_curvature(
+        quick=args.quick,
+        device=resolve_device(args.device),
+        repeats=args.repeats,
+        progress=None if args.quiet else lambda line: print(line, flush=True),
+    )
+    print(f"{'benchmark':16s} {'method':20s} {'model':7s} {'value':>12s} {'time_ms':>11s} {'ratio/grad-eq':>14s}")
+    for row in rows:
+        method = row.get("method") or row.get("backend") or "-"
+        print(
+            f"{row['benchmark']:16s} {method:20s} {row['model']:7s} {row['value']:12.6g} "
+            f"{row['time_ms']:11.2f} {row['ratio_or_gradient_equivalents']:14.3f}"
+        )
+    if args.json:
+        write_rows(rows, args.json)
+        print(f"rows: {args.json}")
+    return 0
+
+
 def _bench_smoothing(args: argparse.Namespace) -> int:
     from stablenet.bench.smoothing import bench_smoothing
     from stablenet.bench.spectral import write_rows
@@ -296,6 +507,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
     if args.suite == "smoothing":
         return _bench_smoothing(args)
+    if args.suite == "curvature":
+        return _bench_curvature(args)
     rows = bench_spectral(
         quick=args.quick,
         device=resolve_device(args.device),
@@ -343,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": lambda: _report(args),
         "lipschitz": lambda: _lipschitz(args),
         "verify": lambda: _verify(args),
+        "hessian": lambda: _hessian(args),
+        "landscape": lambda: _landscape(args),
         "bench": lambda: _bench(args),
         "demo": lambda: _demo(args),
     }

@@ -1,0 +1,87 @@
+"""``bench curvature``: rows with the documented fields, from the library and from the command line."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("stablenet.curvature.hessian")
+
+from stablenet.bench import curvature
+from stablenet.bench.curvature import CurvatureSizes, bench_curvature, default_sizes
+from stablenet.cli import main
+
+# torch's forward-mode AD (the forward_over_reverse backend) scripts its decompositions on first use.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+FIELDS = {"benchmark", "model", "value", "time_ms", "ratio_or_gradient_equivalents", "device"}
+# Tiny lenet on 8x8 images; a tight tolerance so that Lanczos and power iteration both converge.
+TINY = CurvatureSizes(
+    batch_size=16, landscape_examples=20, landscape_resolution=3, width=2, hidden=8, input_size=8, tol=1e-6
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids the stalls of two OpenMP threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_sizes(quick=False):
+    return TINY
+
+
+def test_rows_have_the_fields_and_consistent_values():
+    rows = bench_curvature(device="cpu", repeats=2, sizes=TINY)
+    assert [(r["benchmark"], r.get("method") or r.get("backend")) for r in rows] == [
+        ("hvp_over_grad", "double_backward"),
+        ("hvp_over_grad", "forward_over_reverse"),
+        ("top_eigenvalue", "lanczos"),
+        ("top_eigenvalue", "power"),
+        ("landscape_2d", None),
+    ]
+    for row in rows:
+        assert FIELDS <= set(row)
+        assert row["model"] == "lenet" and row["device"] == "cpu" and row["data"] == "random"
+        assert row["time_ms"] > 0 and row["ratio_or_gradient_equivalents"] > 0
+    hvp, alternative, lanczos, power, land = rows
+    for row in (hvp, alternative):
+        assert (
+            row["value"] == row["ratio_or_gradient_equivalents"] == pytest.approx(row["time_ms"] / row["grad_time_ms"])
+        )
+        assert row["meets_target"] == (row["value"] <= 2.5)
+    for row in (lanczos, power):
+        assert row["ratio_or_gradient_equivalents"] == pytest.approx(row["time_ms"] / hvp["grad_time_ms"])
+        assert row["num_hvp"] >= 2 and row["converged"]
+        assert row["hvp_equivalents"] == pytest.approx(row["num_hvp"] * hvp["value"])
+        assert row["relative_error"] == pytest.approx(abs(row["value"] - row["reference"]) / row["reference"])
+        assert row["relative_error"] < 1e-3
+    assert power["relative_difference"] == pytest.approx(abs(power["value"] - lanczos["value"]) / lanczos["value"])
+    assert power["agrees"] and power["relative_difference"] <= 1e-3
+    assert land["points"] == 9 and land["num_examples"] == 20 and "lipconvnet" in land["note"]
+    assert land["value"] > 0  # cross-entropy at the origin
+
+
+def test_default_sizes_match_the_issue():
+    full, quick = default_sizes(), default_sizes(quick=True)
+    assert (full.batch_size, full.landscape_examples, full.landscape_resolution, full.tol) == (256, 1000, 21, 1e-3)
+    assert (full.input_size, full.width) == (28, 32)
+    assert quick.batch_size < full.batch_size and quick.landscape_resolution < full.landscape_resolution
+
+
+def test_bad_repeats():
+    with pytest.raises(ValueError, match="repeats must be >= 1; got -1"):
+        bench_curvature(repeats=-1, sizes=TINY)
+
+
+def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(curvature, "default_sizes", _tiny_sizes)
+    out = tmp_path / "rows.jsonl"
+    assert main(["bench", "curvature", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(FIELDS <= set(r) for r in rows)
+    printed = capsys.readouterr().out
+    assert "hvp_over_grad" in printed and "landscape_2d" in printed and str(out) in printed
