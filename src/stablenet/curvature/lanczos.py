@@ -309,8 +309,10 @@ def power_eigsh(
     .. math::
         A_i = A + c I - \sum_{j < i} (\lambda_j + c)\, x_j x_j^\top,
 
-    iterating :math:`x \leftarrow A_i x/\|A_i x\|` until the Rayleigh quotient :math:`\mu = x^\top A_i x`
-    changes by at most ``tol`` (relative), or ``max_iter`` products; then :math:`\lambda_i = \mu - c`. The
+    iterating :math:`x \leftarrow A_i x/\|A_i x\|` until the residual of the Rayleigh quotient
+    :math:`\mu = x^\top A_i x` is small, :math:`\|A_i x - \mu x\| \le` ``tol`` :math:`\max(|\mu|, |\lambda_1 + c|)`
+    (then an eigenvalue of :math:`A_i` lies within that distance of :math:`\mu`), or ``max_iter`` products; then
+    :math:`\lambda_i = \mu - c`. The
     shift starts at :math:`c = 0`; if the dominant eigenvalue found is negative, the largest algebraic one
     was not dominant, so :math:`c` is set to its magnitude (an upper bound on :math:`-\lambda_{\min}`), which
     makes :math:`A_i` positive semi-definite, and the pair is searched again. Convergence is linear with
@@ -320,7 +322,7 @@ def power_eigsh(
     Args:
         matvec, dim, k, generator, device: as for :func:`lanczos_eigsh`.
         max_iter: maximum number of iterations per eigenpair (and per shift).
-        tol: relative change of the Rayleigh quotient that stops the iteration for one eigenpair.
+        tol: relative residual that stops the iteration for one eigenpair.
 
     Example:
         >>> a = torch.diag(torch.tensor([3.0, -5.0, 1.0], dtype=torch.float64))
@@ -350,7 +352,6 @@ def power_eigsh(
         if found is not None:
             x = _orthogonalise(x, found)
         x = x / x.norm()
-        mu_prev = None
         ok = False
         for _ in range(max_iter):
             y, ax = deflated(x, found)
@@ -360,10 +361,13 @@ def power_eigsh(
             if norm == 0:  # x spans the null space of the deflated operator: nothing left above it
                 ok = True
                 break
-            if mu_prev is not None and abs(mu - mu_prev) <= tol * abs(mu):
+            # Stop on the residual: for a symmetric operator some eigenvalue lies within ||y - mu x|| of mu. Later
+            # pairs inherit the deflation error of earlier ones, so their residual is measured against the
+            # operator's scale (the first eigenvalue found), not their own, possibly much smaller, eigenvalue.
+            scale = max(abs(mu), abs(values[0] + shift)) if values else abs(mu)
+            if torch.linalg.vector_norm(y - mu * x) <= tol * scale:
                 ok = True
                 break
-            mu_prev = mu
             x = y / norm
             if found is not None:
                 x = _orthogonalise(x, found)
