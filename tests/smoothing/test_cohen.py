@@ -257,9 +257,9 @@ GOOD = {"n0": 5, "n": 20, "alpha": 0.05, "batch_size": 8}
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"alpha": 0.0}, r"alpha must be a float in the open interval \(0, 1\)"),
-        ({"alpha": 1.0}, r"alpha must be a float in the open interval \(0, 1\)"),
-        ({"alpha": float("nan")}, r"alpha must be a float in the open interval \(0, 1\)"),
+        ({"alpha": 0.0}, r"alpha must be a number in the open interval \(0, 1\)"),
+        ({"alpha": 1.0}, r"alpha must be a number in the open interval \(0, 1\)"),
+        ({"alpha": float("nan")}, r"alpha must be a number in the open interval \(0, 1\)"),
         ({"n0": 0}, "n0 must be an int >= 1"),
         ({"n": 0}, "n must be an int >= 1"),
         ({"n": 10.0}, "n must be an int >= 1"),

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import chain
 
 import numpy as np
@@ -35,35 +33,11 @@ from torch import Tensor, nn
 
 from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing import sampling, stats
+from stablenet.smoothing.base import check_alpha as _check_alpha
+from stablenet.smoothing.base import check_count as _check_count
+from stablenet.smoothing.base import eval_mode as _eval_mode
 
 __all__ = ["ABSTAIN", "Smooth"]
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return int(value)
-
-
-def _check_alpha(alpha: object) -> float:
-    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a float in the open interval (0, 1); got {alpha!r}")
-    return float(alpha)
-
-
-@contextmanager
-def _eval_mode(model: object) -> Iterator[None]:
-    """Run ``model`` in eval mode and restore every submodule's flag afterwards (Note [eval mode])."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 class Smooth:

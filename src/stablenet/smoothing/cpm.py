@@ -104,8 +104,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import chain
 from typing import NamedTuple
 
@@ -116,6 +115,9 @@ from torch import Tensor, nn
 
 from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing import sampling, stats
+from stablenet.smoothing.base import check_alpha as _check_alpha
+from stablenet.smoothing.base import check_count as _check_count
+from stablenet.smoothing.base import eval_mode as _eval_mode
 from stablenet.spectral import lipschitz_upper_bound
 
 __all__ = [
@@ -419,21 +421,6 @@ class _SoftmaxVote(nn.Module):
         return logits - torch.log(-torch.log(u))
 
 
-@contextmanager
-def _eval_mode(model: object) -> Iterator[None]:
-    """Run ``model`` in eval mode (i.i.d. draws need a fixed function) and restore every submodule's flag."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 class CPMSmooth:
     r"""Randomized smoothing with Lipschitz-aware radii and class partitioning (Delattre et al., AISTATS 2025).
 
@@ -641,18 +628,6 @@ def _check_lipschitz(value: object) -> float:
     if not _is_real(value) or math.isnan(value) or value <= 0:
         raise ValueError(f"lipschitz must be a number > 0 (or inf); got {value!r}")
     return float(value)
-
-
-def _check_alpha(alpha: object) -> float:
-    if not _is_real(alpha) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a number in the open interval (0, 1); got {alpha!r}")
-    return float(alpha)
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return int(value)
 
 
 def _check_probability(name: str, value: object) -> np.ndarray:

@@ -68,6 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from stablenet.certify.records import ABSTAIN
+from stablenet.smoothing.base import eval_mode
 from stablenet.smoothing.sampling import make_generator, mean_and_variance
 from stablenet.smoothing.stats import (
     empirical_bernstein_lower,
@@ -369,14 +370,10 @@ class LVMSmooth:
             return LVMCertificate(index, empty, index, empty, empty, empty)
         gen = make_generator(generator, device)
 
-        was_training = model.training
-        model.eval()  # Note [eval mode]
-        try:
+        with eval_mode(model):  # Note [eval mode] in stablenet.smoothing.base
             # Note [selection and estimation]: the estimation call continues the generator, so its draws are fresh.
             sel_mean, sel_var = mean_and_variance(model, x_dev, n0, self.sigma, batch_size, gen, self._flat_values)
             est_mean, est_var = mean_and_variance(model, x_dev, n, self.sigma, batch_size, gen, self._flat_values)
-        finally:
-            model.train(was_training)
 
         shape = (n_img, self.num_candidates, self.num_classes)
         sel_mean, sel_var = sel_mean.cpu().numpy().reshape(shape), sel_var.cpu().numpy().reshape(shape)
