@@ -103,7 +103,9 @@ def _lanczos_steps(
     norm = q.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("the starting vector must be finite and nonzero")
-    basis = torch.zeros(max_steps, n, dtype=torch.float64, device=device)
+    # The basis grows geometrically: preallocating max_steps rows of a large model's dimension would cost
+    # hundreds of MB and a noticeable share of the run for the few steps a tolerance usually needs.
+    basis = torch.empty(min(max_steps, 16), n, dtype=torch.float64, device=device)
     basis[0] = q / norm
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
@@ -127,6 +129,10 @@ def _lanczos_steps(
         yield torch.stack(alphas), _stack(betas, device), basis[: j + 1], beta
         if last:
             return
+        if j + 2 > basis.shape[0]:
+            grown = torch.empty(min(max_steps, 2 * basis.shape[0]), n, dtype=torch.float64, device=device)
+            grown[: basis.shape[0]] = basis
+            basis = grown
         if broke:
             # Invariant subspace found: continue in its orthogonal complement (T becomes block diagonal),
             # so that every eigenvalue, repeated ones included, is eventually reached.
