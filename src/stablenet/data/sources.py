@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 __all__ = [
     "IDX_IMAGES_MAGIC",
@@ -263,7 +264,8 @@ def read_image_tar(
         # "r:*" rather than the stream mode "r|*": a gzip stream cut at a member boundary then raises
         # EOFError instead of silently ending the archive early. Members are still read in order.
         with tarfile.open(path, "r:*") as archive:
-            for member in archive:
+            # Decoding runs once per source (the result is cached); tqdm hides itself when not on a terminal.
+            for member in tqdm(archive, desc=f"decode {path.name}", unit=" files", disable=None, leave=False):
                 parts = Path(member.name).parts
                 parts = parts[1:] if parts and parts[0] == "." else parts
                 if not member.isfile() or len(parts) != 3 or parts[0] != split or not _is_image(parts[2]):
@@ -294,7 +296,8 @@ def read_image_folder(
     """
     path = Path(path)
     items = []
-    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for class_dir in tqdm(class_dirs, desc=f"decode {path.name}", unit=" classes", disable=None, leave=False):
         for file in sorted(class_dir.iterdir()):
             if file.is_file() and _is_image(file.name):
                 items.append((class_dir.name, file.name, _decode(file.read_bytes(), str(file), size)))
