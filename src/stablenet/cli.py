@@ -452,72 +452,58 @@ def _landscape(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_curvature(args: argparse.Namespace) -> int:
-    from stablenet.bench.curvature import bench_curvature
-    from stablenet.bench.spectral import write_rows
-    from stablenet.train.trainer import resolve_device
+def _bench_suite(suite: str):
+    """``(run, header, format_row)`` of a benchmark suite (imported lazily)."""
+    if suite == "smoothing":
+        from stablenet.bench.smoothing import bench_smoothing
 
-    rows = bench_curvature(
-        quick=args.quick,
-        device=resolve_device(args.device),
-        repeats=args.repeats,
-        progress=None if args.quiet else lambda line: print(line, flush=True),
-    )
-    print(f"{'benchmark':16s} {'method':20s} {'model':7s} {'value':>12s} {'time_ms':>11s} {'ratio/grad-eq':>14s}")
-    for row in rows:
-        method = row.get("method") or row.get("backend") or "-"
-        print(
-            f"{row['benchmark']:16s} {method:20s} {row['model']:7s} {row['value']:12.6g} "
-            f"{row['time_ms']:11.2f} {row['ratio_or_gradient_equivalents']:14.3f}"
+        header = f"{'model':12s} {'n':>8s} {'batch':>6s} {'samples/s':>12s} {'plain/s':>12s} {'ratio':>7s}"
+        return (
+            bench_smoothing,
+            header,
+            lambda r: (
+                f"{r['model']:12s} {r['n']:8d} {r['batch_size']:6d} {r['samples_per_s']:12.4g} "
+                f"{r['plain_samples_per_s']:12.4g} {r['ratio']:7.3f}"
+            ),
         )
-    if args.json:
-        write_rows(rows, args.json)
-        print(f"rows: {args.json}")
-    return 0
+    if suite == "curvature":
+        from stablenet.bench.curvature import bench_curvature
 
-
-def _bench_smoothing(args: argparse.Namespace) -> int:
-    from stablenet.bench.smoothing import bench_smoothing
-    from stablenet.bench.spectral import write_rows
-    from stablenet.train.trainer import resolve_device
-
-    rows = bench_smoothing(
-        quick=args.quick,
-        device=resolve_device(args.device),
-        repeats=args.repeats,
-        progress=None if args.quiet else lambda line: print(line, flush=True),
-    )
-    print(f"{'model':12s} {'n':>8s} {'batch':>6s} {'samples/s':>12s} {'plain/s':>12s} {'ratio':>7s}")
-    for row in rows:
-        print(
-            f"{row['model']:12s} {row['n']:8d} {row['batch_size']:6d} {row['samples_per_s']:12.4g} "
-            f"{row['plain_samples_per_s']:12.4g} {row['ratio']:7.3f}"
+        header = f"{'benchmark':16s} {'method':20s} {'model':7s} {'value':>12s} {'time_ms':>11s} {'ratio/grad-eq':>14s}"
+        return (
+            bench_curvature,
+            header,
+            lambda r: (
+                f"{r['benchmark']:16s} {r.get('method') or r.get('backend') or '-':20s} {r['model']:7s} "
+                f"{r['value']:12.6g} {r['time_ms']:11.2f} {r['ratio_or_gradient_equivalents']:14.3f}"
+            ),
         )
-    if args.json:
-        write_rows(rows, args.json)
-        print(f"rows: {args.json}")
-    return 0
+    from stablenet.bench.spectral import bench_spectral
+
+    header = f"{'layer':44s} {'method':26s} {'ratio':>9s} {'time_ms':>10s}"
+    return (
+        bench_spectral,
+        header,
+        lambda r: f"{r['layer']:44s} {r['method']:26s} {r['ratio']:9.5f} {r['time_ms']:10.2f}",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from stablenet.bench.spectral import bench_spectral, write_rows
+    from stablenet.bench.spectral import write_rows
     from stablenet.train.trainer import resolve_device
 
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
-    if args.suite == "smoothing":
-        return _bench_smoothing(args)
-    if args.suite == "curvature":
-        return _bench_curvature(args)
-    rows = bench_spectral(
+    run, header, format_row = _bench_suite(args.suite)
+    rows = run(
         quick=args.quick,
         device=resolve_device(args.device),
         repeats=args.repeats,
         progress=None if args.quiet else lambda line: print(line, flush=True),
     )
-    print(f"{'layer':44s} {'method':26s} {'ratio':>9s} {'time_ms':>10s}")
+    print(header)
     for row in rows:
-        print(f"{row['layer']:44s} {row['method']:26s} {row['ratio']:9.5f} {row['time_ms']:10.2f}")
+        print(format_row(row))
     if args.json:
         write_rows(rows, args.json)
         print(f"rows: {args.json}")

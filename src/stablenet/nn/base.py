@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LAYER_ROUNDING_SLACK", "WeightCache"]
+__all__ = ["LAYER_ROUNDING_SLACK", "WeightCache", "at_least_float32"]
 
 LAYER_ROUNDING_SLACK = 1e-5
 
@@ -48,3 +48,8 @@ class WeightCache:
 
     def clear(self) -> None:
         self._key, self._value = None, None
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is half precision, else unchanged: constraint math never runs in 16 bits."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenet.nn.base import WeightCache
+from stablenet.nn.base import WeightCache, at_least_float32
 from stablenet.spectral.dense import GRAM_ROUNDING_SLACK, spectral_norm_upper_bound
 
 __all__ = ["LinearNormalized"]
@@ -43,7 +43,7 @@ class LinearNormalized(nn.Linear):
 
     def normalized_weight(self) -> Tensor:
         with torch.autocast(self.weight.device.type, enabled=False):
-            w = self.weight.float() if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight
+            w = at_least_float32(self.weight)
             norms = w.norm(dim=1, keepdim=True)
             return w / norms.clamp_min(torch.finfo(w.dtype).tiny)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache
+from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache, at_least_float32
 
 __all__ = ["SLLLinear", "sll_rescaling"]
 
@@ -93,8 +93,8 @@ class SLLLinear(nn.Module):
     def rescaling(self) -> Tensor:
         """The vector :math:`t` (computed in at least float32, also under autocast)."""
         with torch.autocast(self.weight.device.type, enabled=False):
-            w = _at_least_float32(self.weight)
-            return sll_rescaling((w @ w.T).abs(), _at_least_float32(self.q_log))
+            w = at_least_float32(self.weight)
+            return sll_rescaling((w @ w.T).abs(), at_least_float32(self.q_log))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.features:
@@ -111,7 +111,3 @@ class SLLLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, inner_features={self.inner_features}, bias={self.bias is not None}"
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -11,11 +11,13 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import chain
 
 import numpy as np
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["check_alpha", "check_count", "eval_mode"]
+__all__ = ["check_alpha", "check_count", "check_values", "eval_mode", "model_device"]
 
 
 def check_count(name: str, value: object) -> int:
@@ -45,3 +47,28 @@ def eval_mode(model: object) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+def model_device(model: object, fallback: torch.device) -> torch.device:
+    """The device of ``model``'s first parameter or buffer, else ``fallback``."""
+    if isinstance(model, nn.Module):
+        first = next(chain(model.parameters(), model.buffers()), None)
+        if first is not None:
+            return first.device
+    return fallback
+
+
+def check_values(x: Tensor, input_range: tuple[float, float] | None) -> None:
+    """One-line ``ValueError`` if ``x`` holds NaN/Inf or values outside the inclusive ``input_range``."""
+    if x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite; got NaN or Inf values")
+    if input_range is not None:
+        low, high = input_range
+        lo, hi = float(x.min()), float(x.max())
+        if lo < low or hi > high:
+            raise ValueError(
+                f"x must lie in input_range [{low}, {high}]; got values in [{lo}, {hi}] "
+                "(pass input_range=None to skip this check)"
+            )

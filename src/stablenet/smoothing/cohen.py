@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from itertools import chain
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing import sampling, stats
 from stablenet.smoothing.base import check_alpha as _check_alpha
 from stablenet.smoothing.base import check_count as _check_count
+from stablenet.smoothing.base import check_values, model_device
 from stablenet.smoothing.base import eval_mode as _eval_mode
 
 __all__ = ["ABSTAIN", "Smooth"]
@@ -103,14 +103,6 @@ class Smooth:
         self.sigma = float(sigma)
         self.input_range = input_range
 
-    def _device(self, fallback: torch.device) -> torch.device:
-        model = self.base_model
-        if isinstance(model, nn.Module):
-            first = next(chain(model.parameters(), model.buffers()), None)
-            if first is not None:
-                return first.device
-        return fallback
-
     def _prepare(self, x: Tensor) -> Tensor:
         """Check ``x`` and return it as a batch ``(N, C, H, W)`` on the model's device."""
         if not isinstance(x, Tensor):
@@ -119,31 +111,14 @@ class Smooth:
             raise ValueError(f"x must have shape (N, C, H, W) or (C, H, W); got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
-        x = x.to(self._device(x.device))
+        x = x.to(model_device(self.base_model, x.device))
         if x.ndim == 3:
             x = x.unsqueeze(0)
-        if x.numel() > 0:
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError("x must be finite; got NaN or Inf values")
-            if self.input_range is not None:
-                low, high = self.input_range
-                lo, hi = float(x.min()), float(x.max())
-                if lo < low or hi > high:
-                    raise ValueError(
-                        f"x must lie in input_range [{low}, {high}]; got values in [{lo}, {hi}] "
-                        "(pass input_range=None to skip this check)"
-                    )
+        check_values(x, self.input_range)
         return x
 
     def _counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator) -> Tensor:
         return sampling.class_counts(self.base_model, x, num, self.sigma, self.num_classes, batch_size, generator)
-
-    @staticmethod
-    def _generator(generator: int | torch.Generator | None, device: torch.device) -> torch.Generator:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            if isinstance(generator, (bool, np.bool_)) or not isinstance(generator, numbers.Integral):
-                raise ValueError(f"generator must be None, an int seed or a torch.Generator; got {generator!r}")
-        return sampling.make_generator(generator, device)
 
     def certify(
         self,
@@ -191,7 +166,7 @@ class Smooth:
         batch_size = _check_count("batch_size", batch_size)
         alpha = _check_alpha(alpha)
         x = self._prepare(x)
-        gen = self._generator(generator, x.device)
+        gen = sampling.make_generator(generator, x.device)
         with _eval_mode(self.base_model):
             c_hat = self._counts(x, n0, batch_size, gen).argmax(dim=1)
             counts = self._counts(x, n, batch_size, gen)
@@ -233,7 +208,7 @@ class Smooth:
         batch_size = _check_count("batch_size", batch_size)
         alpha = _check_alpha(alpha)
         x = self._prepare(x)
-        gen = self._generator(generator, x.device)
+        gen = sampling.make_generator(generator, x.device)
         with _eval_mode(self.base_model):
             counts = self._counts(x, n, batch_size, gen)
         top = counts.topk(2, dim=1)

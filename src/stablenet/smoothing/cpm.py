@@ -105,7 +105,6 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
-from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -117,6 +116,7 @@ from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing import sampling, stats
 from stablenet.smoothing.base import check_alpha as _check_alpha
 from stablenet.smoothing.base import check_count as _check_count
+from stablenet.smoothing.base import check_values, model_device
 from stablenet.smoothing.base import eval_mode as _eval_mode
 from stablenet.spectral import lipschitz_upper_bound
 
@@ -507,13 +507,6 @@ class CPMSmooth:
         """Whether the votes are drawn from the softmax (finite :math:`L`) rather than the hard argmax."""
         return math.isfinite(self.lipschitz)
 
-    def _device(self, fallback: torch.device) -> torch.device:
-        if isinstance(self.base_model, nn.Module):
-            first = next(chain(self.base_model.parameters(), self.base_model.buffers()), None)
-            if first is not None:
-                return first.device
-        return fallback
-
     def _prepare(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor of shape (N, ...); got {type(x).__name__}")
@@ -523,15 +516,8 @@ class CPMSmooth:
             raise ValueError(f"x must be a batch of shape (N, ...); got shape {tuple(x.shape)}")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x must have shape (N, *{self.input_shape}); got {tuple(x.shape)}")
-        if x.numel() > 0:
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError("x must be finite; got NaN or Inf values")
-            if self.input_range is not None:
-                low, high = self.input_range
-                lo, hi = float(x.min()), float(x.max())
-                if lo < low or hi > high:
-                    raise ValueError(f"x must lie in input_range [{low}, {high}]; got values in [{lo}, {hi}]")
-        return x.to(self._device(x.device))
+        check_values(x, self.input_range)
+        return x.to(model_device(self.base_model, x.device))
 
     def certify(
         self,
@@ -579,9 +565,6 @@ class CPMSmooth:
         n0, n = _check_count("n0", n0), _check_count("n", n)
         batch_size = _check_count("batch_size", batch_size)
         alpha = _check_alpha(alpha)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            if isinstance(generator, (bool, np.bool_)) or not isinstance(generator, numbers.Integral):
-                raise ValueError(f"generator must be None, an int seed or a torch.Generator; got {generator!r}")
         x = self._prepare(x)
         gen = sampling.make_generator(generator, x.device)
         voter = _SoftmaxVote(self.base_model, self.inverse_temperature, gen) if self.soft_votes else self.base_model

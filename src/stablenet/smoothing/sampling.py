@@ -14,6 +14,7 @@ selection draws and continues with it for the estimation draws, which are theref
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 
 import torch
@@ -24,6 +25,9 @@ __all__ = ["class_counts", "make_generator", "mean_and_variance", "noisy_outputs
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
     """A generator on ``device`` (an int seeds it; an existing generator must be on that device)."""
+    if seed is not None and not isinstance(seed, torch.Generator):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"generator must be None, an int seed or a torch.Generator; got {seed!r}")
     if isinstance(seed, torch.Generator):
         if seed.device.type != device.type:
             raise ValueError(
