@@ -1,6 +1,8 @@
 """Summarise the curvature experiment (benchmarks/curvature_experiment.sh) into table.md and landscapes.png.
 
-Reads, for each variant, the run's metrics.csv, the Lipschitz records, hessian.json and landscape.npz; writes
+Usage: ``curvature_table.py OUT [RUN_PREFIX]`` (default prefix ``runs/mnist_curvature_``; the run of variant
+``v`` is ``RUN_PREFIX + v``). Reads, for each variant, the run's metrics.csv, the Lipschitz records,
+hessian.json and landscape.npz; writes
 OUT/table.md and OUT/landscapes.png (the three 2-D landscapes side by side, one shared colour scale).
 """
 
@@ -23,14 +25,14 @@ VARIANTS = {"base": "plain", "ad": "activation decay (λ=0.01)", "sam": "SAM (ρ
 RADII = (0.5, 1.0, 1.58)
 
 
-def main(out: Path) -> None:
+def main(out: Path, run_prefix: str = "runs/mnist_curvature_") -> None:
     rows = [
         "| variant | test acc (%) | certified (%) at ε=0.5 / 1.0 / 1.58 | top Hessian eigenvalue | trace ± SE |",
         "|---|---:|---:|---:|---:|",
     ]
     grids = {}
     for key, label in VARIANTS.items():
-        with open(f"runs/mnist_curvature_{key}/metrics.csv") as f:
+        with open(f"{run_prefix}{key}/metrics.csv") as f:
             last = list(csv.DictReader(f))[-1]
         records = read_records(out / f"lipschitz_{key}.jsonl")
         cert = certified_accuracy(records, RADII)
@@ -64,4 +66,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu/curvature"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu/curvature"), *sys.argv[2:3])

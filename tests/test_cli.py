@@ -74,7 +74,7 @@ def test_train_certify_report_end_to_end(tmp_path):
     [
         (["train", "--epochz", "3"], "unknown config key(s) epochz; accepted:"),
         (["train", "--epochs", "three"], "config key 'epochs' must be int; got 'three'"),
-        (["train", "--model", "resnet9000"], "unknown model 'resnet9000'; available: lenet, sll_mlp"),
+        (["train", "--model", "resnet9000"], "unknown model 'resnet9000'; available: aol_l"),
         (["train", "--dataset", "imagenet"], "imagenet"),
         (["train", "--model_args.colour", "red"], "unknown option(s) colour for model 'sll_mlp'"),
         (["report", "missing.jsonl", "--out", "x"], "missing.jsonl"),

@@ -49,7 +49,7 @@ def test_trained_run_uses_its_test_images(trained_digits_run, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model", "resnet9000"], "unknown model 'resnet9000'; available: lenet, sll_mlp"),
+        (["--model", "resnet9000"], "unknown model 'resnet9000'; available: aol_l"),
         (["--run", "nowhere"], "no checkpoint at nowhere"),
         (["--model", "sll_mlp", "--input-size", "4", "--num-inputs", "0"], "--num-inputs must be >= 1; got 0"),
     ],

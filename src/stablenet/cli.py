@@ -156,10 +156,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_quiet(p)
 
     p = sub.add_parser("bench", allow_abbrev=False, help="benchmarks (timings and tightness as JSON rows)")
-    p.add_argument("suite", choices=["spectral", "smoothing", "curvature"], help="which benchmark")
+    p.add_argument("suite", choices=["spectral", "smoothing", "curvature", "layers"], help="which benchmark")
     p.add_argument("--quick", action="store_true", help="a subset of layers, one repeat")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
+    p.add_argument("--batch-size", type=int, default=None, help="layers suite only: batch size (default 256)")
     p.add_argument("--json", default=None, help="write the rows to this JSON Lines file")
     _add_quiet(p)
 
@@ -478,6 +479,10 @@ def _bench_suite(suite: str):
                 f"{r['value']:12.6g} {r['time_ms']:11.2f} {r['ratio_or_gradient_equivalents']:14.3f}"
             ),
         )
+    if suite == "layers":
+        from stablenet.bench.layers import HEADER, bench_layers, format_row
+
+        return bench_layers, HEADER, format_row
     from stablenet.bench.spectral import bench_spectral
 
     header = f"{'layer':44s} {'method':26s} {'ratio':>9s} {'time_ms':>10s}"
@@ -494,12 +499,18 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
+    extra = {}
+    if args.batch_size is not None:
+        if args.suite != "layers" or args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1 and applies to the layers suite only; got {args.batch_size}")
+        extra["batch_size"] = args.batch_size
     run, header, format_row = _bench_suite(args.suite)
     rows = run(
         quick=args.quick,
         device=resolve_device(args.device),
         repeats=args.repeats,
         progress=None if args.quiet else lambda line: print(line, flush=True),
+        **extra,
     )
     print(header)
     for row in rows:

@@ -11,7 +11,7 @@ from stablenet.cli import main
 FIELDS = {"model", "n", "batch_size", "samples_per_s", "plain_samples_per_s", "ratio", "device"}
 
 
-def _tiny_cases(quick=False, batch_size=100):
+def _tiny_cases(quick=False, batch_size=100, gpu=False):
     return [
         SmoothingCase("cifar_cnn", lambda: cifar_cnn(width=4), (3, 32, 32), n=200, n_images=1, batch_size=100),
         SmoothingCase("mnist_mlp", lambda: mnist_mlp(width=16), (1, 28, 28), n=10, n_images=30, batch_size=100),
@@ -46,3 +46,12 @@ def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(FIELDS <= set(r) for r in rows)
     assert "mnist_mlp" in capsys.readouterr().out
+
+
+def test_resnet110_case_only_on_gpu_and_not_quick():
+    from stablenet.bench.smoothing import default_cases
+
+    assert "resnet110" not in [c.name for c in default_cases(quick=False)]
+    assert "resnet110" not in [c.name for c in default_cases(quick=True, gpu=True)]
+    (case,) = [c for c in default_cases(quick=False, gpu=True) if c.name == "resnet110"]
+    assert case.n == 100_000 and case.input_shape == (3, 32, 32)

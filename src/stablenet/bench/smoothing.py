@@ -7,14 +7,17 @@ benchmark measures noisy samples per second of ``class_counts`` and, as the refe
 the same model's plain batched forward at the same batch size (inputs already on the device, no noise, no
 counting); the ratio of the two is the loop's efficiency (target: at least 0.95 on a GPU).
 
-Two cases:
+Cases:
 
 * ``cifar_cnn``: a small CNN on 3×32×32 inputs, one image at a time, ``n = 100 000`` (quick: 10 000).
 * ``mnist_mlp``: a small MLP on 1×28×28 inputs, ``n = 100`` per image, so a batch of 1000 rows holds ten
   images (the batching across images of :func:`~stablenet.smoothing.sampling.noisy_outputs`).
+* ``resnet110`` (GPU only, not in quick mode): Cohen et al.'s CIFAR-10 base model (``cifar_resnet``, depth
+  110) with ``n = 100 000`` per image; its ``images_per_s`` is the certification rate to compare with their
+  published cost of about 15 s per image on a GTX 1080 Ti.
 
 One JSON row per case: ``model, n, batch_size, samples_per_s, plain_samples_per_s, ratio, device`` (plus
-``n_images``, ``images_per_batch``, ``time_ms``, ``plain_time_ms``, ``repeats``). Times are medians of
+``n_images``, ``images_per_s``, ``images_per_batch``, ``time_ms``, ``plain_time_ms``, ``repeats``). Times are medians of
 ``repeats`` runs after one warm-up, the two measurements alternating, with ``torch.cuda.synchronize`` around
 each on a GPU. Weights are random with a fixed seed (throughput does not depend on training).
 """
@@ -31,7 +34,7 @@ from torch import nn
 
 from stablenet.smoothing.sampling import class_counts, make_generator
 
-__all__ = ["SmoothingCase", "bench_smoothing", "cifar_cnn", "default_cases", "mnist_mlp"]
+__all__ = ["SmoothingCase", "bench_smoothing", "cifar_cnn", "default_cases", "mnist_mlp", "resnet110"]
 
 
 def cifar_cnn(num_classes: int = 10, width: int = 32) -> nn.Sequential:
@@ -83,9 +86,20 @@ class SmoothingCase:
     num_classes: int = 10
 
 
-def default_cases(quick: bool = False, batch_size: int = 1000) -> list[SmoothingCase]:
-    """The two standard cases (see the module docstring); ``quick`` shrinks ``n`` and the image count."""
-    return [
+def resnet110(num_classes: int = 10) -> nn.Module:
+    """Cohen et al.'s CIFAR-10 base model: the depth-110 CIFAR ResNet (1.7 M parameters)."""
+    from stablenet.models.resnet import cifar_resnet
+
+    return cifar_resnet(num_classes, 3, (32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, depth=110)
+
+
+def default_cases(quick: bool = False, batch_size: int = 1000, gpu: bool = False) -> list[SmoothingCase]:
+    """The standard cases (see the module docstring); ``quick`` shrinks ``n`` and the image count.
+
+    ``gpu`` adds the ResNet-110 case (too slow for a CPU: about 25 TFLOP per certified image).
+    """
+    heavy = [SmoothingCase("resnet110", resnet110, (3, 32, 32), n=100_000, n_images=1, batch_size=batch_size)]
+    return (heavy if gpu and not quick else []) + [
         SmoothingCase(
             "cifar_cnn", cifar_cnn, (3, 32, 32), n=10_000 if quick else 100_000, n_images=1, batch_size=batch_size
         ),
@@ -146,6 +160,7 @@ def _run_case(case: SmoothingCase, device: torch.device, repeats: int, seed: int
         "ratio": samples_per_s / plain_samples_per_s,
         "device": str(device),
         "n_images": case.n_images,
+        "images_per_s": case.n_images / t_loop,
         "images_per_batch": images_per_batch,
         "time_ms": t_loop * 1e3,
         "plain_time_ms": t_plain * 1e3,
@@ -179,7 +194,7 @@ def bench_smoothing(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     rows = []
-    for case in cases if cases is not None else default_cases(quick):
+    for case in cases if cases is not None else default_cases(quick, gpu=device.type == "cuda"):
         row = _run_case(case, device, repeats, seed, sigma)
         rows.append(row)
         if progress is not None:

@@ -12,6 +12,13 @@ invalidates it without any hook.
 A layer that is 1-Lipschitz in exact arithmetic computes in float32, so its measured constant can exceed 1
 by rounding (we measure about 1e-7). ``lipschitz_bound()`` therefore returns ``1 + LAYER_ROUNDING_SLACK``,
 100 times the largest excess seen in ``tests/nn``. Certificates multiply these per-layer bounds.
+
+# Note [constraint precision]
+The scales and norm bounds that make a layer 1-Lipschitz (SLL's and AOL's row sums, SR's Gram iterates, CPL's
+and spectral normalisation's Gram bound) are computed in float64 from the weight, whatever its dtype, and only
+then applied to the weight in its own dtype. In float32 they can land on the wrong side by more than the slack:
+GPUs run float32 convolutions in TF32 by default (cuDNN), which loses about 1e-3, and long float32 sums lose
+about 1e-5 on large layers. The float64 work is on weight-sized tensors only, never on activations.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stablenet.spectral.dense import GRAM_ROUNDING_SLACK, gram_iteration, power_iteration
+from stablenet.spectral.rescaling import conv_gram_power_rowsums
 
 __all__ = [
     "CONV_METHODS",
@@ -113,6 +114,13 @@ class _Conv:
         self.kernel = kernel
         self.groups, self.size, self.stride, self.k, self.padding = groups, size, stride_t, k, padding
         self.pads = self._pads(padding_size, nd)
+        if padding == "circular" and any(b + a > kk - 1 for (b, a), kk in zip(self.pads, k, strict=True)):
+            # Note [circular over-padding]: a wider wrap makes the output longer than the input and repeats rows
+            # of the circular operator, so its norm can exceed the circular bound; we refuse instead of under-bound.
+            raise ValueError(
+                f"circular padding {self.pads} wraps more than the (dilated) kernel {k} reaches; the total padding "
+                "per axis must be at most kernel - 1 (e.g. 'same')"
+            )
         self.c_out, self.c_in = kernel.shape[0], kernel.shape[1] * groups
 
     def _pads(self, padding_size: int | Sequence[int] | str, nd: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -248,39 +256,11 @@ def spatial_gram_bound(kernel5: Tensor, n_iter: int, max_memory_bytes: int = DEF
         The bound (max over groups), differentiable in the kernel.
     """
     t_iter = _spatial_iterations(kernel5, n_iter, max_memory_bytes)
-    kh, kw = kernel5.shape[-2:]
-    size = (2**t_iter * (kh - 1) + 1, 2**t_iter * (kw - 1) + 1)
-    spec = _half_spectrum(kernel5, size)  # (g, H, W', co, ci)
-    if spec.shape[-1] < spec.shape[-2]:
-        spec = spec.mH  # work on the smaller Gram side: ||C|| = ||C^T||
-    g = spec.shape[0]
-    # Global (per group) rescaling: one scalar for all frequencies keeps the inverse DFT meaningful.
-    c0 = torch.linalg.matrix_norm(spec.detach(), "fro").reshape(g, -1).amax(dim=1).clamp_min(1e-300)
-    spec = spec / c0.view(g, 1, 1, 1, 1).to(spec.dtype)
-    log_scale = 2.0 * torch.log(c0)
-    m = spec @ spec.mH  # symbol of C C^T, kernel G_1
-    for _ in range(t_iter - 1):
-        c = torch.linalg.matrix_norm(m.detach(), "fro").reshape(g, -1).amax(dim=1).clamp_min(1e-300)
-        m = m / c.view(g, 1, 1, 1, 1).to(m.dtype)
-        log_scale = 2.0 * (log_scale + torch.log(c))
-        m = m @ m if torch.is_grad_enabled() and m.requires_grad else _square_in_place(m)
-    # Back to space: G_T of shape (g, c, c, H, W); row sums of |G_T| in blocks of rows.
-    rowsums = []
-    for rows in torch.split(torch.arange(m.shape[-2], device=m.device), 64):
-        block = m[..., rows, :].permute(0, 3, 4, 1, 2)
-        spatial = torch.fft.irfft2(block, s=size)
-        rowsums.append(spatial.abs().sum(dim=(2, 3, 4)))
-    rowsum = torch.cat(rowsums, dim=1).amax(dim=1)
+    # Work on the smaller Gram side: ||C|| = ||C^T||.
+    side = "input" if kernel5.shape[2] < kernel5.shape[1] else "output"
+    rowsums, log_scale = conv_gram_power_rowsums(kernel5, t_iter, side)
     exponent = 2.0**-t_iter
-    return (rowsum.pow(exponent) * torch.exp(log_scale * exponent)).amax()
-
-
-def _square_in_place(m: Tensor, chunk: int = 16) -> Tensor:
-    flat = m.reshape(-1, *m.shape[-2:])
-    for start in range(0, flat.shape[0], chunk):
-        part = flat[start : start + chunk]
-        part.copy_(part @ part)
-    return m
+    return (rowsums.amax(dim=1).pow(exponent) * torch.exp(log_scale * exponent)).amax()
 
 
 def _embedding_size(conv: _Conv) -> tuple[int, int]:

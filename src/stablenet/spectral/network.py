@@ -4,7 +4,9 @@ r"""Lipschitz bounds of whole networks: a certified upper bound by composition, 
 
 A module is bounded by, in order: its own ``lipschitz_bound()`` method (every stablenet layer has one;
 it receives ``input_shape`` when it accepts that argument), ``1 + L(branch)`` when it has a
-``residual_branch()`` method (it promises ``forward(x) = x + branch(x)``), a rule for its type (built-in
+``residual_branch()`` method (it promises ``forward(x) = x + branch(x)``; with a ``residual_weights()`` method
+returning ``(a, b)`` it promises ``forward(x) = a x + b branch(x)`` and is bounded by ``|a| + |b| L(branch)``,
+e.g. ``stablenet.nn.LipResidual``), a rule for its type (built-in
 rules for the torch modules below, or one added with :func:`register_lipschitz_rule`), or recursion into
 ``nn.Sequential``. Any other module raises: a module is never skipped, since a skipped module would make
 the bound, and every certificate built on it, wrong.
@@ -369,6 +371,11 @@ def _walk(module: nn.Module, name: str, shapes: dict[int, list[Shape | None]] | 
         branch = branch_fn()
         child = next((n for n, m in module._modules.items() if m is branch), "branch")
         inner = _product(b for _, b in _walk(branch, f"{name}.{child}" if name else child, shapes))
+        weights_fn = getattr(module, "residual_weights", None)
+        if callable(weights_fn):  # forward(x) = a x + b branch(x): |a| + |b| L(branch), float64-rounded up
+            a, b = (_checked(abs(float(w)), where) for w in weights_fn())
+            combined = a + math.nextafter(b * inner, math.inf)
+            return [(label, math.nextafter(combined * (1.0 + _FLOAT64_SLACK), math.inf))]
         return [(label, math.nextafter(1.0 + inner, math.inf))]
 
     rule_type = next((t for t in type(module).__mro__ if t in _RULES), None)

@@ -1,0 +1,84 @@
+"""GPU check of the layer zoo in float32 with TF32 enabled: the measured Lipschitz constant stays <= 1 + slack.
+
+For every layer family, in float32 on the given device with TF32 matmuls and convolutions switched on (the
+setting that loses about 1e-3 in float32 products; Note [constraint precision] in ``stablenet.nn.base``), after
+a few Adam steps: the largest Jacobian singular value over random inputs, in train and eval mode. The Jacobian
+is taken of the float32 layer and its norm computed in float64. Prints one line per layer and exits non-zero if
+any measured constant exceeds ``1 + LAYER_ROUNDING_SLACK``.
+
+Usage: PYTHONPATH=src python3 benchmarks/gpu_zoo_check.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+import stablenet.nn as snn
+from stablenet.nn import LAYER_ROUNDING_SLACK
+
+C, H = 16, 8
+LAYERS = {
+    "SLLLinear": (lambda: snn.SLLLinear(256, 512), (256,)),
+    "SLLConv2d": (lambda: snn.SLLConv2d(C, 32), (C, H, H)),
+    "CPLLinear": (lambda: snn.CPLLinear(256, 512), (256,)),
+    "CPLConv2d": (lambda: snn.CPLConv2d(C, 32), (C, H, H)),
+    "AOLLinear": (lambda: snn.AOLLinear(256, 256), (256,)),
+    "AOLConv2d": (lambda: snn.AOLConv2d(C, C, 3, padding=1), (C, H, H)),
+    "SRLinear": (lambda: snn.SRLinear(256, 256), (256,)),
+    "SRConv2d": (lambda: snn.SRConv2d(C, C, 3, padding=1), (C, H, H)),
+    "SpectralLinear": (lambda: snn.SpectralLinear(256, 256), (256,)),
+    "SpectralConv2d": (lambda: snn.SpectralConv2d(C, C, 3, padding=1), (C, H, H)),
+    "OrthogonalLinear-bjorck": (lambda: snn.OrthogonalLinear(256, 256), (256,)),
+    "OrthogonalLinear-cayley": (lambda: snn.OrthogonalLinear(256, 256, method="cayley"), (256,)),
+    "CayleyConv2d": (lambda: snn.CayleyConv2d(C, C, 3), (C, H, H)),
+}
+
+
+def measured(layer: nn.Module, shape: tuple[int, ...], device: torch.device, n_points: int = 4) -> float:
+    worst = 0.0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for _ in range(n_points):
+        x = (torch.randn(*shape, generator=g) * 2).to(device)
+        jac = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], x, vectorize=True)
+        worst = max(worst, float(torch.linalg.matrix_norm(jac.reshape(-1, x.numel()).double(), 2)))
+    return worst
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    limit = 1.0 + LAYER_ROUNDING_SLACK
+    failed = []
+    for name, (factory, shape) in LAYERS.items():
+        torch.manual_seed(0)
+        layer = factory().to(device)
+        opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+        for _ in range(3):
+            loss = layer(torch.randn(32, *shape, device=device)).square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        train = measured(layer, shape, device)
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(2, *shape, device=device))  # fill the eval cache
+        evaluated = measured(layer, shape, device)
+        worst = max(train, evaluated)
+        status = "ok" if worst <= limit else "FAIL"
+        print(f"{name:26s} train {train:.9f}  eval {evaluated:.9f}  excess {worst - 1:+.2e}  {status}", flush=True)
+        if worst > limit:
+            failed.append(name)
+    print(f"device {device}, TF32 on; limit 1 + {LAYER_ROUNDING_SLACK:g}; failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

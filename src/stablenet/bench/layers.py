@@ -1,0 +1,405 @@
+"""``stablenet bench layers``: cost of each 1-Lipschitz layer family against unconstrained layers of the same shapes.
+
+For every family (``sll``, ``cpl``, ``aol``, ``sr``, ``spectral``, ``cayley`` convolutions at CIFAR-10 shapes,
+batch 256, 32×32, widths 64 and 128; ``orthogonal`` dense layers at ``16 · width`` features) and for a whole
+model (``sll_s``), three measurements, each next to the same measurement of a *plain twin* made in the same run:
+
+* ``train``: one training step, forward + backward of a scalar loss + an SGD step (the constraint's map from
+  free parameters to weights runs, and is differentiated, at every step);
+* ``eval``: one forward in eval mode under ``torch.no_grad()``, where layers reuse their cached constrained
+  weights (Note [eval cache] in ``stablenet.nn.base``);
+* ``train_bf16`` (model only, CUDA only): the training step under ``torch.autocast(dtype=torch.bfloat16)`` at
+  batch 512, with ``images_per_s``.
+
+Plain twins: a non-residual layer ``L`` is measured as ``Sequential(L, ReLU)`` against
+``Sequential(nn.Conv2d, ReLU)`` of the same shape (Cayley: circular padding; orthogonal: ``nn.Linear``), so the
+ratio isolates the constraint. Residual layers (SLL, CPL) are measured against the same residual shape without
+the constraint, :math:`x - K^\\top \\mathrm{ReLU}(K x + b)` (``PlainResidualConv2d``). The model's twin
+replaces every SLL layer by that plain residual, the pooling by ``nn.AvgPool2d`` and the head by ``nn.Linear``.
+
+Times are medians of ``repeats`` runs after ``warmup`` runs, layer and twin alternating, with
+``torch.cuda.synchronize`` around each run on a GPU. ``peak_mem_mb`` (CUDA only, else ``None``) is the memory a
+step needs: the module's parameters and buffers plus the peak of ``torch.cuda.max_memory_allocated`` above what
+was allocated before the step (activations, gradients, workspaces); the shared input is not counted. On the
+CPU there is no allocator statistic as cheap and as faithful, so it is ``None``.
+
+One JSON row per (layer, shape, mode): ``layer, shape, mode, time_ms, ratio_to_plain, peak_mem_mb, device``
+plus ``plain_time_ms``, ``plain_peak_mem_mb``, ``mem_ratio_to_plain``, ``width``, ``repeats`` and, for
+``train_bf16``, ``images_per_s`` and ``plain_images_per_s``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "HEADER",
+    "LAYER_FAMILIES",
+    "LayersBenchConfig",
+    "PlainResidualConv2d",
+    "PlainResidualLinear",
+    "bench_layers",
+    "default_config",
+    "format_row",
+    "plain_sll_network",
+]
+
+#: Layer families of the benchmark, in row order.
+LAYER_FAMILIES = ("sll", "cpl", "aol", "sr", "spectral", "cayley", "orthogonal")
+
+_CLASSES = {
+    "sll": ("stablenet.nn.sll", "SLLConv2d"),
+    "cpl": ("stablenet.nn.cpl", "CPLConv2d"),
+    "aol": ("stablenet.nn.aol", "AOLConv2d"),
+    "sr": ("stablenet.nn.sr", "SRConv2d"),
+    "spectral": ("stablenet.nn.spectral_norm", "SpectralConv2d"),
+    "cayley": ("stablenet.nn.cayley_conv", "CayleyConv2d"),
+    "orthogonal": ("stablenet.nn.orthogonal", "OrthogonalLinear"),
+}
+
+
+@dataclass(frozen=True)
+class LayersBenchConfig:
+    """Sizes of one benchmark run.
+
+    Attributes:
+        batch_size: examples per step for the layers and the model.
+        image_size: height and width of the feature maps and of the model's input images.
+        widths: channels of the convolutional layers (dense layers use ``16 * width`` features).
+        families: layer families, a subset of :data:`LAYER_FAMILIES`.
+        model: a registry name of an SLL or CPL network (``None``: no model rows).
+        model_options: options passed to ``create_model`` (e.g. a smaller width for smoke tests).
+        bf16_batch_size: batch of the bf16 autocast training rows (CUDA only).
+        warmup: untimed runs before the timed ones.
+        repeats: timed runs (median reported).
+    """
+
+    batch_size: int = 256
+    image_size: int = 32
+    widths: tuple[int, ...] = (64, 128)
+    families: tuple[str, ...] = LAYER_FAMILIES
+    model: str | None = "sll_s"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    bf16_batch_size: int = 512
+    warmup: int = 3
+    repeats: int = 10
+
+
+def default_config(quick: bool = False) -> LayersBenchConfig:
+    """The CIFAR-10 sizes, or (``quick``, a smoke test) batch 8, 16×16, width 16, one repeat, and ``sll_s``
+    cut to 2 convolutions and 1 dense layer of 256 inner features (the rows record ``model_options``)."""
+    if quick:
+        return LayersBenchConfig(
+            batch_size=8,
+            image_size=16,
+            widths=(16,),
+            model_options={"n_conv": 2, "n_dense": 1, "dense_inner": 256},
+            bf16_batch_size=32,
+            warmup=1,
+            repeats=1,
+        )
+    return LayersBenchConfig()
+
+
+# ------------------------------------------------------------------------------------------ plain twins
+class PlainResidualConv2d(nn.Module):
+    r""":math:`x - K^\top \mathrm{ReLU}(K x + b)`: the shape of an SLL / CPL convolution without its constraint."""
+
+    def __init__(self, channels: int, inner_channels: int | None = None, kernel_size: int = 3) -> None:
+        super().__init__()
+        inner = inner_channels or channels
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(inner, channels, kernel_size, kernel_size) / math.sqrt(9 * channels))
+        self.bias = nn.Parameter(torch.zeros(inner))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
+        return x - F.conv_transpose2d(h, self.weight, padding=self.padding)
+
+
+class PlainResidualLinear(nn.Module):
+    r""":math:`x - W^\top \mathrm{ReLU}(W x + b)`: the shape of an SLL / CPL dense layer without its constraint."""
+
+    def __init__(self, features: int, inner_features: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inner_features or features, features) / math.sqrt(features))
+        self.bias = nn.Parameter(torch.zeros(inner_features or features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - F.linear(torch.relu(F.linear(x, self.weight, self.bias)), self.weight.T)
+
+
+def plain_sll_network(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    *,
+    width: int,
+    n_conv: int,
+    n_dense: int,
+    conv_inner: int,
+    dense_inner: int,
+    kernel_size: int = 3,
+    pool: int = 4,
+) -> nn.Sequential:
+    """The plain twin of an SLL / CPL network of ``stablenet.models.lipnets`` (same shapes, no constraint)."""
+    from stablenet.nn.preprocess import ChannelPad, InputNormalization
+
+    features = width * (image_size // pool) ** 2
+    return nn.Sequential(
+        InputNormalization((0.0,) * in_channels, (1.0,) * in_channels),
+        ChannelPad(in_channels, width),
+        *[PlainResidualConv2d(width, conv_inner, kernel_size) for _ in range(n_conv)],
+        nn.AvgPool2d(pool, divisor_override=pool),
+        nn.Flatten(),
+        *[PlainResidualLinear(features, dense_inner) for _ in range(n_dense)],
+        nn.Linear(features, num_classes),
+    )
+
+
+def _layer_class(family: str) -> type[nn.Module]:
+    if family not in _CLASSES:
+        raise ValueError(f"family must be one of {', '.join(LAYER_FAMILIES)}; got {family!r}")
+    module_name, class_name = _CLASSES[family]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"layer family {family!r} needs {module_name}.{class_name}, which is missing: {e}") from e
+
+
+def _layer_pair(family: str, width: int, size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """``(layer, plain twin, input shape without batch)`` of one family at one width."""
+    cls = _layer_class(family)
+    if family in ("sll", "cpl"):
+        kw = {"input_size": (size, size)} if family == "cpl" else {}
+        return cls(width, **kw), PlainResidualConv2d(width), (width, size, size)
+    if family == "orthogonal":
+        features = 16 * width
+        return (
+            nn.Sequential(cls(features, features), nn.ReLU()),
+            nn.Sequential(nn.Linear(features, features), nn.ReLU()),
+            (features,),
+        )
+    if family == "cayley":
+        layer = cls(width, width, 3)
+        plain = nn.Conv2d(width, width, 3, padding=1, padding_mode="circular")
+    else:
+        kw = {"input_size": (size, size)} if family == "spectral" else {}
+        layer = cls(width, width, 3, padding=1, **kw)
+        plain = nn.Conv2d(width, width, 3, padding=1)
+    return nn.Sequential(layer, nn.ReLU()), nn.Sequential(plain, nn.ReLU()), (width, size, size)
+
+
+#: Column titles matching :func:`format_row`.
+HEADER = f"{'layer':12s} {'shape':22s} {'mode':10s} {'time_ms':>10s} {'ratio':>7s} {'peak_mem_mb':>12s}"
+
+
+def format_row(row: dict) -> str:
+    """One row as a table line under :data:`HEADER`."""
+    mem = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.1f}"
+    shape = "x".join(map(str, row["shape"]))
+    return (
+        f"{row['layer']:12s} {shape:22s} {row['mode']:10s} {row['time_ms']:10.2f} {row['ratio_to_plain']:7.2f} "
+        f"{mem:>12s}"
+    )
+
+
+# -------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_fn(module: nn.Module, x: Tensor, mode: str, target: Tensor | None) -> Callable[[], None]:
+    """One train step (forward, backward, SGD) or one no-grad eval forward."""
+    if mode == "eval":
+        module.eval()
+
+        def run() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return run
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=1e-4)
+    autocast = mode == "train_bf16"
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+            loss = F.cross_entropy(out.float(), target) if target is not None else out.float().square().mean()
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def _peak_mb(module: nn.Module, step: Callable[[], None], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    _sync(device)
+    own = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return (torch.cuda.max_memory_allocated(device) - before + own) / 2**20
+
+
+def _time_pair(
+    steps: tuple[Callable[[], None], Callable[[], None]], warmup: int, repeats: int, device: torch.device
+) -> tuple[float, float]:
+    """Median milliseconds of two steps, run alternately."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for step, bucket in zip(steps, times, strict=True):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            bucket.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _compare(
+    name: str,
+    layer: nn.Module,
+    plain: nn.Module,
+    x: Tensor,
+    mode: str,
+    cfg: LayersBenchConfig,
+    target: Tensor | None = None,
+    **extra: Any,
+) -> dict:
+    device = x.device
+    steps = (_step_fn(layer, x, mode, target), _step_fn(plain, x, mode, target))
+    ms, plain_ms = _time_pair(steps, cfg.warmup, cfg.repeats, device)
+    mem, plain_mem = _peak_mb(layer, steps[0], device), _peak_mb(plain, steps[1], device)
+    row = {
+        "layer": name,
+        "shape": list(x.shape),
+        "mode": mode,
+        "time_ms": ms,
+        "ratio_to_plain": ms / plain_ms,
+        "peak_mem_mb": mem,
+        "device": str(device),
+        "plain_time_ms": plain_ms,
+        "plain_peak_mem_mb": plain_mem,
+        "mem_ratio_to_plain": mem / plain_mem if mem is not None and plain_mem else None,
+        "repeats": cfg.repeats,
+        **extra,
+    }
+    if mode == "train_bf16":
+        row["images_per_s"] = x.shape[0] / (ms / 1e3)
+        row["plain_images_per_s"] = x.shape[0] / (plain_ms / 1e3)
+    return row
+
+
+def _model_pair(name: str, cfg: LayersBenchConfig, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
+    """The model, its plain twin (same shapes) and its width."""
+    from stablenet.models import create_model, model_options
+    from stablenet.models.lipnets import SLL_CONV_INNER
+
+    if not name.startswith(("sll_", "cpl_")) or name == "sll_mlp":
+        raise ValueError(f"the layers benchmark compares SLL or CPL networks (sll_xs ... cpl_xl); got {name!r}")
+    opts = {**model_options(name), **cfg.model_options}
+    model = create_model(name, 10, 3, cfg.image_size, **cfg.model_options)
+    conv_inner = opts["conv_inner"] or (SLL_CONV_INNER if name.startswith("sll_") else opts["width"])
+    plain = plain_sll_network(
+        10,
+        3,
+        cfg.image_size,
+        width=opts["width"],
+        n_conv=opts["n_conv"],
+        n_dense=opts["n_dense"],
+        conv_inner=conv_inner,
+        dense_inner=opts["dense_inner"],
+        kernel_size=opts["kernel_size"],
+        pool=opts["pool"],
+    )
+    return model.to(device), plain.to(device), opts["width"]
+
+
+def bench_layers(
+    *,
+    quick: bool = False,
+    device: str | torch.device = "cpu",
+    repeats: int | None = None,
+    config: LayersBenchConfig | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run the benchmark and return its rows (see the module docstring).
+
+    Args:
+        quick: use ``default_config(quick=True)`` (ignored when ``config`` is given).
+        device: where to run.
+        repeats: timed runs per measurement (default: the config's).
+        config: the sizes (default: :func:`default_config`).
+        batch_size: replaces the config's batch size (e.g. a smaller one on a CPU).
+        seed: seed of the random weights and inputs.
+        progress: called with one line per row.
+
+    Raises:
+        ValueError: an unknown family or a model that is not an SLL / CPL network.
+        ImportError: a family whose layer module is missing.
+    """
+    device = torch.device(device)
+    cfg = config or default_config(quick)
+    if repeats is not None:
+        cfg = replace(cfg, repeats=repeats)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        cfg = replace(cfg, batch_size=batch_size)
+    for family in cfg.families:
+        _layer_class(family)  # fail before measuring anything
+    torch.manual_seed(seed)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if progress is not None:
+            progress(format_row(row))
+
+    n, size = cfg.batch_size, cfg.image_size
+    for family in cfg.families:
+        for width in cfg.widths:
+            layer, plain, shape = _layer_pair(family, width, size)
+            layer, plain = layer.to(device), plain.to(device)
+            x = torch.randn(n, *shape, device=device)
+            for mode in ("train", "eval"):
+                emit(_compare(family, layer, plain, x, mode, cfg, width=width))
+            del layer, plain, x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    if cfg.model is not None:
+        model, plain, width = _model_pair(cfg.model, cfg, device)
+        options = dict(cfg.model_options)
+        x = torch.rand(n, 3, size, size, device=device)
+        y = torch.randint(0, 10, (n,), device=device)
+        for mode in ("train", "eval"):
+            emit(_compare(cfg.model, model, plain, x, mode, cfg, target=y, width=width, model_options=options))
+        if device.type == "cuda":
+            xb = torch.rand(cfg.bf16_batch_size, 3, size, size, device=device)
+            yb = torch.randint(0, 10, (cfg.bf16_batch_size,), device=device)
+            emit(
+                _compare(cfg.model, model, plain, xb, "train_bf16", cfg, target=yb, width=width, model_options=options)
+            )
+    return rows

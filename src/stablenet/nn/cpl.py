@@ -1,0 +1,293 @@
+r"""Convex Potential Layers (CPL): residual 1-Lipschitz layers (Meunier et al., ICML 2022, arXiv 2110.12690).
+
+From "A Dynamical System Perspective for Lipschitz Neural Networks".
+
+A residual layer, the explicit Euler step of the gradient flow of a convex potential,
+
+.. math::
+    h(x) = x - \frac{2}{\hat\sigma^2}\, W^\top \mathrm{ReLU}(W x + b), \qquad \hat\sigma \ge \|W\|_2 ,
+
+is 1-Lipschitz for any :math:`W, b`: its Jacobian :math:`I - \frac{2}{\hat\sigma^2} W^\top D W`, with
+:math:`D` diagonal in :math:`[0, 1]`, is symmetric with eigenvalues in
+:math:`[1 - 2\|W\|^2/\hat\sigma^2, 1] \subset [-1, 1]`.
+
+:math:`\hat\sigma` must be an **upper** bound of :math:`\|W\|`: a power-iteration estimate converges from
+below and gives a step :math:`2/\hat\sigma^2 > 2/\sigma^2` that breaks the guarantee. We use the Gram
+iteration (Delattre et al. 2023), differentiable, with a fixed number of steps (every iterate is an upper
+bound, so stopping early is sound, and train and eval compute the same value):
+
+* dense: :func:`~stablenet.spectral.dense.gram_iteration` on :math:`W`;
+* convolution (:math:`W` the "same" convolution :math:`C`, zero or circular padding), by default the
+  input-size-independent spatial Gram bound (:func:`~stablenet.spectral.conv.spatial_gram_bound`, valid for
+  both paddings and every input size); with ``input_size`` the tighter padding-aware bound at that size: the
+  circular Gram bound for circular padding, and for zero padding the circular bound of the embedding of
+  :math:`C` into a circular convolution on :math:`n + k//2` pixels (``conv_spectral_norm(method="embed")``).
+
+The bound is computed in float64 (Note [constraint precision] in ``stablenet.nn.base``) with autocast disabled
+and cached in eval mode (Note [eval cache] in ``stablenet.nn.base``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache, at_least_float32
+from stablenet.nn.constrained import check_odd_kernel, check_padding_mode
+from stablenet.nn.residual import Residual
+from stablenet.nn.sll import (
+    _adjoint_kernel,
+    _check_conv_input,
+    _conv_same,
+    _conv_same_adjoint,
+    _plain_residual,
+    _plain_residual_conv,
+)
+from stablenet.spectral.conv import circular_gram_bound, spatial_gram_bound
+from stablenet.spectral.dense import gram_iteration
+
+__all__ = ["CPL_DENSE_GRAM_ITERS", "CPL_FFT_GRAM_ITERS", "CPL_SPATIAL_GRAM_ITERS", "CPLConv2d", "CPLLinear"]
+
+#: Gram-iteration steps of the dense bound (a Schatten-:math:`2^{T+1}` norm: within ``rank**(1/128)`` of
+#: :math:`\sigma_1` for ``T = 6``).
+CPL_DENSE_GRAM_ITERS = 6
+#: Steps of the per-frequency Gram bound used with ``input_size``.
+CPL_FFT_GRAM_ITERS = 6
+#: Steps of the input-size-independent spatial Gram bound (its support grows as ``2**T (k - 1) + 1``).
+CPL_SPATIAL_GRAM_ITERS = 4
+
+
+def _step(sigma: Tensor) -> Tensor:
+    r""":math:`2 / \hat\sigma^2`, and 0 for :math:`\hat\sigma = 0` (then :math:`W = 0` and the step is unused)."""
+    positive = sigma > 0
+    return torch.where(positive, 2.0 / torch.where(positive, sigma, torch.ones_like(sigma)).square(), 0.0)
+
+
+def _fold_kernel(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
+    r"""The kernel of the circular convolution on ``size`` pixels, folded modulo ``size`` where it is larger.
+
+    On :math:`N < k` pixels the taps :math:`u` and :math:`u + N` act on the same pixel, so they add up; the
+    DFT at size :math:`N` then sees every tap (``rfft2`` would crop the kernel and under-estimate the norm).
+    """
+    for dim, n in ((3, size[0]), (4, size[1])):
+        k = kernel5.shape[dim]
+        if k > n:
+            shape = list(kernel5.shape)
+            shape[dim] = n
+            index = torch.arange(k, device=kernel5.device) % n
+            kernel5 = kernel5.new_zeros(shape).index_add(dim, index, kernel5)
+    return kernel5
+
+
+class CPLLinear(nn.Module):
+    r"""Dense CPL residual layer :math:`x - \frac{2}{\hat\sigma^2} W^\top \mathrm{ReLU}(Wx + b)`, 1-Lipschitz.
+
+    Args:
+        features: input and output size (the layer is residual).
+        inner_features: rows of :math:`W` (default ``features``).
+        bias: learn :math:`b`.
+
+    Example:
+        >>> layer = CPLLinear(8, 16).double()
+        >>> x = torch.randn(8, dtype=torch.float64)
+        >>> J = torch.autograd.functional.jacobian(layer, x)
+        >>> bool(torch.linalg.matrix_norm(J, 2) <= 1 + 1e-12)
+        True
+    """
+
+    def __init__(
+        self,
+        features: int,
+        inner_features: int | None = None,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if features < 1:
+            raise ValueError(f"features must be >= 1; got {features}")
+        inner = features if inner_features is None else inner_features
+        if inner < 1:
+            raise ValueError(f"inner_features must be >= 1; got {inner}")
+        kw = {"device": device, "dtype": dtype}
+        self.features, self.inner_features = features, inner
+        self.weight = nn.Parameter(torch.empty(inner, features, **kw))
+        self.bias = nn.Parameter(torch.empty(inner, **kw)) if bias else None
+        self._cache = WeightCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._cache.clear()
+
+    def norm_bound(self) -> Tensor:
+        r"""The upper bound :math:`\hat\sigma \ge \|W\|_2` (Gram iteration in float64, Note [constraint precision])."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return gram_iteration(self.weight.to(torch.float64), CPL_DENSE_GRAM_ITERS)
+
+    def step(self) -> Tensor:
+        r"""The step :math:`2 / \hat\sigma^2` (float64)."""
+        return _step(self.norm_bound())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.features:
+            raise ValueError(f"CPLLinear expects inputs with last dimension {self.features}; got {tuple(x.shape)}")
+        back = self._cache.get(self, [self.weight], self.back_weight)
+        h = torch.relu(F.linear(x, self.weight, self.bias))
+        return x + F.linear(h, back.to(h.dtype))
+
+    def back_weight(self) -> Tensor:
+        r"""The second factor :math:`-(2/\hat\sigma^2) W^\top` (Note [folded scaling] in ``stablenet.nn.sll``)."""
+        step = self.step()
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return -step * at_least_float32(self.weight).T
+
+    def lipschitz_bound(self) -> float:
+        """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
+        return 1.0 + LAYER_ROUNDING_SLACK
+
+    def export(self) -> Residual:
+        r"""``Residual(Sequential(Linear(W, b), ReLU(), Linear(-(2/σ̂²) W^T)))``: plain torch, same outputs."""
+        with torch.no_grad():
+            w = self.weight.detach()
+            back = self.back_weight().to(w.dtype)
+            return _plain_residual(
+                nn.Linear(self.features, self.inner_features, self.bias is not None, w.device, w.dtype),
+                nn.Linear(self.inner_features, self.features, False, w.device, w.dtype),
+                w,
+                self.bias,
+                back,
+            ).train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, inner_features={self.inner_features}, bias={self.bias is not None}"
+
+
+class CPLConv2d(nn.Module):
+    r"""Convolutional CPL residual layer :math:`x - \frac{2}{\hat\sigma^2} C^\top \mathrm{ReLU}(Cx + b)`.
+
+    :math:`C` is the stride-1 convolution with kernel :math:`K` (``inner x channels x kh x kw``) and "same"
+    padding ``k // 2``; the adjoint is exact for both paddings (Note [conv adjoint] in ``stablenet.nn.sll``).
+
+    Args:
+        channels: input and output channels (the layer is residual).
+        inner_channels: output channels of :math:`K` (default ``channels``).
+        kernel_size: odd int or ``(kh, kw)``.
+        bias: learn :math:`b`.
+        padding_mode: ``"zeros"`` or ``"circular"``.
+        input_size: ``None`` (default) for the bound valid at every input size; an int or ``(h, w)`` for the
+            tighter padding-aware bound at that size, in which case other input sizes are refused.
+
+    Example:
+        >>> layer = CPLConv2d(2, 3, padding_mode="circular").double()
+        >>> x = torch.randn(2, 4, 4, dtype=torch.float64)
+        >>> J = torch.autograd.functional.jacobian(layer, x).reshape(32, 32)
+        >>> bool(torch.linalg.matrix_norm(J, 2) <= 1 + 1e-12)
+        True
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        inner_channels: int | None = None,
+        kernel_size: int | tuple[int, int] = 3,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        input_size: int | Sequence[int] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1; got {channels}")
+        inner = channels if inner_channels is None else inner_channels
+        if inner < 1:
+            raise ValueError(f"inner_channels must be >= 1; got {inner}")
+        kh, kw = check_odd_kernel(kernel_size, "CPLConv2d")
+        check_padding_mode(padding_mode)
+        if input_size is not None:
+            size = (input_size,) * 2 if isinstance(input_size, int) else tuple(input_size)
+            if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+                raise ValueError(
+                    f"input_size must be None, a positive int or (h, w) of positive ints; got {input_size}"
+                )
+            input_size = size
+        kw_args = {"device": device, "dtype": dtype}
+        self.channels, self.inner_channels = channels, inner
+        self.kernel_size, self.padding, self.padding_mode = (kh, kw), (kh // 2, kw // 2), padding_mode
+        self.input_size: tuple[int, int] | None = input_size
+        self.weight = nn.Parameter(torch.empty(inner, channels, kh, kw, **kw_args))
+        self.bias = nn.Parameter(torch.empty(inner, **kw_args)) if bias else None
+        self._cache = WeightCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.channels * self.kernel_size[0] * self.kernel_size[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._cache.clear()
+
+    def norm_bound(self) -> Tensor:
+        r"""The upper bound :math:`\hat\sigma \ge \|C\|_2` (see the module docstring), in float64."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            # (groups=1, inner, channels, kh, kw), in float64: Note [constraint precision]
+            kernel5 = self.weight.to(torch.float64)[None]
+            if self.input_size is None:
+                return spatial_gram_bound(kernel5, CPL_SPATIAL_GRAM_ITERS)
+            h, w = self.input_size
+            if self.padding_mode == "zeros":
+                # The zero-padded operator is a submatrix of the circular one on n + p pixels (embedding bound).
+                h, w = h + self.padding[0], w + self.padding[1]
+            return circular_gram_bound(_fold_kernel(kernel5, (h, w)), (h, w), CPL_FFT_GRAM_ITERS)
+
+    def step(self) -> Tensor:
+        r"""The step :math:`2 / \hat\sigma^2` (float64)."""
+        return _step(self.norm_bound())
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_conv_input("CPLConv2d", x, self.channels, self.padding, self.padding_mode)
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"CPLConv2d was built for input_size {self.input_size} (its bound holds at that size only); "
+                f"got spatial size {tuple(x.shape[-2:])}"
+            )
+        back = self._cache.get(self, [self.weight], self.back_weight)
+        h = torch.relu(_conv_same(x, self.weight, self.bias, self.padding, self.padding_mode))
+        return x + _conv_same_adjoint(h, back.to(h.dtype), self.padding, self.padding_mode)
+
+    def back_weight(self) -> Tensor:
+        r"""The kernel :math:`-(2/\hat\sigma^2) K` whose adjoint is the second factor (Note [folded scaling])."""
+        step = self.step()
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return -step * at_least_float32(self.weight)
+
+    def lipschitz_bound(self) -> float:
+        """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
+        return 1.0 + LAYER_ROUNDING_SLACK
+
+    def export(self) -> Residual:
+        r"""Plain ``Residual(Sequential(Conv2d(K, b), ReLU(), Conv2d(-(2/σ̂²) K^T)))`` with the same outputs.
+
+        With ``input_size`` set, the exported block no longer checks the input size: its guarantee still
+        holds only at that size.
+        """
+        with torch.no_grad():
+            w = self.weight.detach()
+            back = _adjoint_kernel(self.back_weight().to(w.dtype))
+            return _plain_residual_conv(w, self.bias, back, self.padding, self.padding_mode).train(self.training)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, inner_channels={self.inner_channels}, kernel_size={self.kernel_size}, "
+            f"bias={self.bias is not None}, padding_mode={self.padding_mode!r}, input_size={self.input_size}"
+        )

@@ -1,0 +1,103 @@
+"""``bench layers``: rows with the required fields on tiny shapes, from the library and from the command line."""
+
+import json
+
+import pytest
+import torch
+
+from stablenet.bench import layers
+from stablenet.bench.layers import (
+    LAYER_FAMILIES,
+    LayersBenchConfig,
+    PlainResidualConv2d,
+    bench_layers,
+    default_config,
+    plain_sll_network,
+)
+from stablenet.cli import main
+from stablenet.models import create_model
+
+FIELDS = {"layer", "shape", "mode", "time_ms", "ratio_to_plain", "peak_mem_mb", "device"}
+
+
+def tiny_config(quick: bool = False) -> LayersBenchConfig:
+    return LayersBenchConfig(
+        batch_size=2,
+        image_size=8,
+        widths=(4,),
+        model="sll_xs",
+        model_options={"width": 4, "n_conv": 1, "n_dense": 1, "dense_inner": 8},
+        warmup=1,
+        repeats=1,
+    )
+
+
+def test_rows_have_the_fields():
+    rows = bench_layers(device="cpu", config=tiny_config())
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        *[(family, mode) for family in LAYER_FAMILIES for mode in ("train", "eval")],
+        ("sll_xs", "train"),
+        ("sll_xs", "eval"),
+    ]
+    for row in rows:
+        assert FIELDS <= set(row)
+        assert row["time_ms"] > 0 and row["plain_time_ms"] > 0
+        assert row["ratio_to_plain"] == pytest.approx(row["time_ms"] / row["plain_time_ms"])
+        assert row["device"] == "cpu" and row["peak_mem_mb"] is None
+        json.dumps(row)
+    assert rows[0]["shape"] == [2, 4, 8, 8]
+    assert rows[-1]["shape"] == [2, 3, 8, 8] and rows[-1]["model_options"]["width"] == 4
+    orthogonal = [r for r in rows if r["layer"] == "orthogonal"]
+    assert orthogonal[0]["shape"] == [2, 64]
+
+
+def test_default_configs_match_the_issue():
+    full, quick = default_config(), default_config(quick=True)
+    assert (full.batch_size, full.image_size, full.widths, full.model, full.bf16_batch_size) == (
+        256,
+        32,
+        (64, 128),
+        "sll_s",
+        512,
+    )
+    assert full.families == LAYER_FAMILIES and full.repeats > 1 and full.warmup >= 1
+    assert quick.batch_size < full.batch_size and quick.repeats == 1
+
+
+def test_plain_twins_have_the_same_shapes():
+    x = torch.randn(2, 4, 8, 8)
+    assert PlainResidualConv2d(4, 2)(x).shape == x.shape
+    opts = {"width": 4, "n_conv": 2, "n_dense": 1, "conv_inner": 2, "dense_inner": 8}
+    model = create_model("sll_xs", 10, 3, 8, **opts)
+    plain = plain_sll_network(10, 3, 8, **opts)
+    shapes = sorted(tuple(p.shape) for n, p in model.named_parameters() if not n.endswith("q_log"))
+    assert shapes == sorted(tuple(p.shape) for p in plain.parameters())
+    assert plain(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="family must be one of sll, cpl"):
+        bench_layers(config=LayersBenchConfig(families=("nope",)))
+    with pytest.raises(ValueError, match="compares SLL or CPL networks"):
+        bench_layers(config=LayersBenchConfig(batch_size=2, image_size=8, families=(), model="aol_xs"))
+
+
+def test_missing_family_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(layers._CLASSES, "sll", ("stablenet.nn.sll", "NoSuchLayer"))
+    with pytest.raises(ImportError, match=r"layer family 'sll' needs stablenet\.nn\.sll\.NoSuchLayer"):
+        bench_layers(config=tiny_config())
+
+
+def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(layers, "default_config", tiny_config)
+    out = tmp_path / "rows.jsonl"
+    assert main(["bench", "layers", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * len(LAYER_FAMILIES) + 2 and all(FIELDS <= set(r) for r in rows)
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "sll_xs" in printed and "orthogonal" in printed
+
+
+def test_cli_rejects_bad_repeats(capsys):
+    assert main(["bench", "layers", "--quick", "--repeats", "0"]) != 0
+    assert "--repeats must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,199 @@
+"""CPLLinear / CPLConv2d: the property protocol, the norm bound against the exact SVD, errors, export, autocast."""
+
+import pytest
+import torch
+from lipschitz_checks import check_layer
+
+from stablenet.nn.base import LAYER_ROUNDING_SLACK
+from stablenet.nn.cpl import CPLConv2d, CPLLinear
+from stablenet.nn.residual import Residual
+from stablenet.nn.sll import _conv_same
+from stablenet.spectral.conv import conv_spectral_norm
+
+DENSE = [(1, 1), (1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
+CHANNELS = [(1, 1), (2, 3), (3, 2), (3, 3)]
+KERNELS = [1, 3, 5]
+PADDINGS = ["zeros", "circular"]
+SIZES = [(5, 5), (4, 6), (1, 7)]
+CONV_GRID = [(c, i, k, p) for c, i in CHANNELS for k in KERNELS for p in PADDINGS]
+#: float64 rounding of the Gram iteration: the bound may equal sigma_1 (rank one) and land an ulp below it.
+ROUNDING = 1e-12
+
+
+def spatial_size(index: int, kernel: int, padding_mode: str) -> tuple[int, int]:
+    """Cycle through SIZES; torch's circular padding cannot wrap a height-1 input around a 5x5 kernel."""
+    size = SIZES[index % len(SIZES)]
+    return (5, 5) if padding_mode == "circular" and min(size) < kernel // 2 else size
+
+
+def explicit_conv(weight: torch.Tensor, size: tuple[int, int], padding_mode: str) -> torch.Tensor:
+    """The layer's own convolution as a matrix (rows: flattened outputs), from the identity basis."""
+    c, (kh, kw) = weight.shape[1], weight.shape[-2:]
+    d = c * size[0] * size[1]
+    eye = torch.eye(d, dtype=weight.dtype).reshape(d, c, *size)
+    return _conv_same(eye, weight, None, (kh // 2, kw // 2), padding_mode).reshape(d, -1).T
+
+
+@pytest.mark.parametrize("features,inner", DENSE)
+def test_cpl_linear_protocol(features, inner):
+    measured = check_layer(lambda: CPLLinear(features, inner), (features,))
+    assert max(measured.values()) <= 1 + 1e-10
+
+
+@pytest.mark.parametrize("index,case", list(enumerate(CONV_GRID)))
+def test_cpl_conv_protocol(index, case):
+    """Every case once; the size-specific bound (``input_size``) on every other case."""
+    channels, inner, kernel, padding_mode = case
+    size = spatial_size(index, kernel, padding_mode)
+    input_size = size if (index // 2) % 2 else None
+    measured = check_layer(
+        lambda: CPLConv2d(channels, inner, kernel, padding_mode=padding_mode, input_size=input_size),
+        (channels, *size),
+        n_points=2,
+    )
+    assert max(measured.values()) <= 1 + 1e-10
+
+
+@pytest.mark.parametrize("features,inner", DENSE)
+def test_cpl_linear_bound_is_above_the_exact_norm(features, inner):
+    torch.manual_seed(features * 10 + inner)
+    layer = CPLLinear(features, inner).double()
+    exact = torch.linalg.matrix_norm(layer.weight.detach(), 2)
+    bound = layer.norm_bound().detach()
+    assert bound >= exact * (1 - ROUNDING)
+    assert bound <= exact * min(features, inner) ** (1 / 128) * (1 + ROUNDING)  # a Schatten-128 norm
+
+
+@pytest.mark.parametrize("channels,inner,kernel,padding_mode", CONV_GRID)
+def test_cpl_conv_bound_is_above_the_exact_norm(channels, inner, kernel, padding_mode):
+    """sigma_hat >= ||C|| by SVD of the explicit operator (float64): at every size by default, else at input_size.
+
+    Sizes below the kernel (circular 5x5 on 2x3 or 4x6) check that the kernel is folded, not cropped, by the DFT.
+    """
+    torch.manual_seed(channels * 100 + inner * 10 + kernel)
+    weight = torch.randn(inner, channels, kernel, kernel, dtype=torch.float64)
+    sizes = [s for s in [(5, 5), (4, 6), (1, 7), (2, 3), (9, 9)] if padding_mode == "zeros" or min(s) >= kernel // 2]
+    general = CPLConv2d(channels, inner, kernel, padding_mode=padding_mode).double()
+    with torch.no_grad():
+        general.weight.copy_(weight)
+    general_bound = general.norm_bound().detach()
+    for size in sizes:
+        exact = torch.linalg.matrix_norm(explicit_conv(weight, size, padding_mode), 2)
+        assert general_bound >= exact * (1 - ROUNDING), size
+        specific = CPLConv2d(channels, inner, kernel, padding_mode=padding_mode, input_size=size).double()
+        with torch.no_grad():
+            specific.weight.copy_(weight)
+        bound = specific.norm_bound().detach()
+        assert bound >= exact * (1 - ROUNDING), size
+        if padding_mode == "circular":  # per-frequency Gram bound: nearly exact
+            assert bound <= exact * 1.02, size
+        elif min(size) >= kernel:  # the embedding bound of stablenet.spectral (which needs n >= k)
+            embed = conv_spectral_norm(weight, size, "zeros", method="embed", n_iter=6)
+            torch.testing.assert_close(bound, embed, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("input_size", [None, (4, 5)])
+def test_cpl_conv_worst_case_jacobian_is_contractive(padding_mode, input_size):
+    """Exact: ||I - (2 / sigma_hat^2) C^T D C|| <= 1 for activation patterns D in [0, 1]."""
+    torch.manual_seed(0)
+    layer = CPLConv2d(3, 2, 3, padding_mode=padding_mode, input_size=input_size).double()
+    c = explicit_conv(layer.weight.detach(), (4, 5), padding_mode)
+    step = layer.step().detach()
+    n_out = c.shape[0]
+    patterns = torch.cat([torch.ones(1, n_out), torch.rand(20, n_out), (torch.rand(20, n_out) > 0.5).float()]).double()
+    jac = torch.eye(c.shape[1], dtype=torch.float64) - step * c.T @ (patterns[:, :, None] * c)
+    assert torch.linalg.matrix_norm(jac, 2).max() <= 1 + ROUNDING
+
+
+def test_cpl_bad_arguments():
+    with pytest.raises(ValueError, match="odd kernel"):
+        CPLConv2d(3, kernel_size=2)
+    with pytest.raises(ValueError, match=r"zeros, circular.*'replicate'"):
+        CPLConv2d(3, padding_mode="replicate")
+    with pytest.raises(ValueError, match="input_size must be"):
+        CPLConv2d(3, input_size=(4, 0))
+    with pytest.raises(ValueError, match="input_size must be"):
+        CPLConv2d(3, input_size=(4, 4, 4))
+    with pytest.raises(ValueError, match="inner_channels must be >= 1"):
+        CPLConv2d(3, 0)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        CPLConv2d(3)(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"built for input_size \(5, 5\).*\(4, 6\)"):
+        CPLConv2d(3, input_size=5)(torch.randn(1, 3, 4, 6))
+    with pytest.raises(ValueError, match="features must be >= 1"):
+        CPLLinear(0)
+    with pytest.raises(ValueError, match="last dimension 4"):
+        CPLLinear(4)(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [(CPLLinear(4, 3), (2, 4)), (CPLConv2d(2, 3), (1, 2, 5, 5)), (CPLConv2d(2, 3, input_size=5), (1, 2, 5, 5))],
+)
+def test_cpl_zero_weight_is_the_identity(layer, shape):
+    with torch.no_grad():
+        layer.weight.zero_()
+    x = torch.randn(*shape)
+    assert layer.step() == 0
+    torch.testing.assert_close(layer(x), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_cpl_export_matches_in_float32_and_float64(padding_mode):
+    torch.manual_seed(0)
+    layers = [
+        (CPLLinear(6, 9), (7, 6)),
+        (CPLConv2d(3, 4, 3, padding_mode=padding_mode), (2, 3, 6, 5)),
+        (CPLConv2d(2, 3, (5, 1), bias=False, padding_mode=padding_mode, input_size=(6, 4)), (2, 2, 6, 4)),
+    ]
+    for layer, shape in layers:
+        for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
+            layer = layer.to(dtype).eval()
+            x = torch.randn(*shape, dtype=dtype) * 3
+            exported = layer.export()
+            assert isinstance(exported, Residual) and not exported.training
+            assert all(type(m).__module__.startswith("torch.nn") for m in exported.branch.modules())
+            with torch.no_grad():
+                torch.testing.assert_close(exported(x), layer(x), rtol=tol, atol=tol)
+
+
+def test_cpl_eval_cache_and_bound():
+    torch.manual_seed(0)
+    layer = CPLConv2d(2, 3)
+    assert layer.lipschitz_bound() == 1 + LAYER_ROUNDING_SLACK
+    x = torch.randn(2, 2, 5, 5)
+    train_out = layer(x)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), train_out, rtol=1e-6, atol=1e-6)
+        first = layer._cache._value
+        layer(x)
+        assert layer._cache._value is first
+        other = CPLConv2d(2, 3)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: CPLLinear(6, 8), (4, 6)),
+        (lambda: CPLConv2d(2, 3), (4, 2, 5, 5)),
+        (lambda: CPLConv2d(2, 3, padding_mode="circular", input_size=(5, 5)), (4, 2, 5, 5)),
+    ],
+)
+def test_bf16_autocast_on_cpu_keeps_the_bound_in_float64(make, shape):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(*shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.norm_bound().dtype == torch.float64  # Note [constraint precision]
+        out = layer(x)
+        out.float().pow(2).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            assert torch.isfinite(layer(x)).all()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    torch.testing.assert_close(out.float(), layer.train()(x), rtol=0.05, atol=0.05)
