@@ -4,7 +4,8 @@
 when ``n < batch_size`` a batch holds several images, so small models keep a GPU busy, and those images share
 the batch's noise draws (Note [noise layout]). Reductions (class
 counts, sums of a map and of its square) accumulate on the model's device; nothing goes back to the host
-inside the loop.
+inside the loop, and no operation in it synchronises the device with the host (no tensor made from a Python
+number, no ``bincount``), so a GPU runs ahead of the Python loop.
 
 # Note [noise generator]
 Noise comes from ``torch.randn(..., generator=g, device=model_device)``, so ``g`` must live on the model's
@@ -66,8 +67,8 @@ def noisy_outputs(
             # i.i.d. N(0, sigma^2 I) samples, fresh for every call, which is all a per-image certificate
             # needs; drawing the noise once per batch instead of once per image divides the RNG cost by g.
             noise = torch.randn((1, reps, *group.shape[1:]), generator=generator, device=device, dtype=group.dtype)
-            batch = torch.addcmul(group.unsqueeze(1), noise, torch.tensor(sigma, dtype=group.dtype, device=device))
-            batch = batch.view(g * reps, *group.shape[1:])
+            # A Python-scalar alpha: a tensor sigma would be a host-to-device copy, a sync, in every batch.
+            batch = torch.add(group.unsqueeze(1), noise, alpha=sigma).view(g * reps, *group.shape[1:])
             logits = model(batch)
             if index is None or len(index) != g * reps:
                 index = torch.arange(start, start + g, device=device).repeat_interleave(reps)
@@ -93,9 +94,10 @@ def class_counts(
                 f"the base model must return logits of shape (batch, num_classes) = ({len(index)}, {num_classes}); "
                 f"got {tuple(logits.shape)}"
             )
-        # One bincount over flattened (image, class) cells: a single atomic-add kernel on GPU.
+        # One scatter-add over flattened (image, class) cells: a single atomic-add kernel on GPU, and unlike
+        # torch.bincount (which reads the maximum back to size its output) no device-to-host sync.
         flat = index * num_classes + logits.argmax(dim=1)
-        counts.view(-1).add_(torch.bincount(flat, minlength=counts.numel()))
+        counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
     return counts
 
 
