@@ -1,4 +1,4 @@
-"""Shared fixtures: a small trained model on digits, the shared data directory, a private cache dir."""
+"""Shared fixtures: a small trained model on digits, the shared data directory, a private cache dir, one thread."""
 
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def _private_cache(tmp_path_factory, monkeypatch):
     """Never write the data cache into the home directory during tests."""
     monkeypatch.setenv("STABLENET_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny problems (``tests/nn`` takes it for every module).
+
+    Threads only contend on tiny tensors, and beside another busy process OpenMP spin-waits make them up to
+    10x slower. Not suite-wide: larger tests gain from both cores (the six-iteration zero-padding bound of
+    ``tests/spectral/test_conv.py``: 28 s with two threads, 50 s with one, on an idle 2-core machine).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

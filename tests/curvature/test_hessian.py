@@ -12,16 +12,10 @@ from torch.nn import functional as F
 from stablenet.curvature.hessian import Hessian
 
 # torch scripts its forward-AD decompositions on first use (backend="forward_over_reverse") and warns about it.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread hand-offs cost more than the arithmetic, badly so on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tiny models (tests/conftest.py)
+]
 
 
 def gen(seed):

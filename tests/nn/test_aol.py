@@ -3,6 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from constraint_cases import (
+    CONV,
+    DENSE_SHAPES,
+    check_bf16_constraint_math,
+    check_conv_parametrization,
+    check_linear_parametrization,
+    conv_kwargs,
+    explicit_norm,
+)
 from lipschitz_checks import check_layer
 from torch import nn
 
@@ -10,48 +19,7 @@ from stablenet.nn.aol import AOLConstraint, AOLConv2d, AOLLinear, lipschitz_aol,
 from stablenet.spectral.conv import conv_operator_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only contend (10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-DENSE = [(1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
-# (c_in, c_out, kernel, padding, padding_mode, stride, groups, dilation, spatial size)
-CONV = [
-    (1, 1, 1, 0, "zeros", 1, 1, 1, (5, 5)),
-    (2, 3, 3, 1, "zeros", 1, 1, 1, (4, 6)),
-    (3, 2, 3, "same", "circular", 1, 1, 1, (5, 5)),
-    (2, 3, 5, 2, "zeros", 1, 1, 1, (1, 7)),
-    (3, 2, 5, 2, "circular", 1, 1, 1, (4, 6)),
-    (2, 3, 3, 0, "circular", 1, 1, 1, (5, 5)),
-    (1, 1, 3, 1, "circular", 1, 1, 1, (1, 7)),
-    (3, 2, 1, 2, "zeros", 1, 1, 1, (4, 6)),
-    (2, 3, 3, 1, "zeros", 2, 1, 1, (5, 5)),
-    (4, 2, 3, "same", "circular", 1, 2, 1, (4, 6)),
-    (2, 3, 3, 2, "circular", 1, 1, 2, (5, 5)),
-    (3, 2, 5, "same", "zeros", 1, 1, 1, (1, 7)),
-]
-
-
-def conv_kwargs(case):
-    _, _, _, padding, padding_mode, stride, groups, dilation, _ = case
-    return {"padding": padding, "padding_mode": padding_mode, "stride": stride, "groups": groups, "dilation": dilation}
-
-
-def explicit_norm(conv: nn.Conv2d, size) -> float:
-    """SVD norm of the module's own operator (float64), from the identity basis through ``conv.forward``."""
-    d = conv.in_channels * size[0] * size[1]
-    eye = torch.eye(d, dtype=torch.float64).reshape(d, conv.in_channels, *size)
-    with torch.no_grad():
-        out = conv(eye) - (conv.bias[:, None, None] if conv.bias is not None else 0)
-    return float(torch.linalg.matrix_norm(out.reshape(d, -1), 2))
-
-
-@pytest.mark.parametrize("features", DENSE)
+@pytest.mark.parametrize("features", DENSE_SHAPES)
 def test_aol_linear_protocol(features):
     check_layer(lambda: AOLLinear(*features), (features[0],))
 
@@ -72,21 +40,7 @@ def test_aol_conv_explicit_operator_norm(case):
 
 
 def test_parametrization_on_linear_registers_and_removes():
-    torch.manual_seed(0)
-    plain = nn.Linear(5, 7).double()
-    free = plain.weight.detach().clone()
-    lipschitz_aol(plain)
-    reference = AOLLinear(5, 7).double()
-    with torch.no_grad():
-        reference.weight.copy_(free)
-    torch.testing.assert_close(plain.weight, reference.constrained_weight())
-    assert float(torch.linalg.matrix_norm(plain.weight.detach(), 2)) <= 1 + 1e-12
-    value = plain.weight.detach().clone()
-    remove_lipschitz_aol(plain)
-    assert type(plain.weight) is nn.Parameter
-    torch.testing.assert_close(plain.weight.detach(), value)
-    with pytest.raises(ValueError, match="no AOLConstraint"):
-        remove_lipschitz_aol(plain)
+    check_linear_parametrization(lipschitz_aol, remove_lipschitz_aol, AOLLinear, "AOLConstraint")
 
 
 def test_parametrized_modules_pass_the_protocol():
@@ -96,17 +50,7 @@ def test_parametrized_modules_pass_the_protocol():
 
 
 def test_parametrization_on_conv_matches_the_layer():
-    torch.manual_seed(1)
-    kwargs = conv_kwargs(CONV[10])  # dilation 2, circular
-    conv = nn.Conv2d(2, 3, 3, **kwargs).double()
-    layer = AOLConv2d(2, 3, 3, **kwargs).double()
-    with torch.no_grad():
-        layer.weight.copy_(conv.weight)
-    lipschitz_aol(conv)
-    torch.testing.assert_close(conv.weight, layer.constrained_weight())
-    assert explicit_norm(conv, (5, 5)) <= 1 + 1e-12
-    remove_lipschitz_aol(conv)
-    assert explicit_norm(conv, (5, 5)) <= 1 + 1e-12
+    check_conv_parametrization(lipschitz_aol, remove_lipschitz_aol, AOLConv2d)
 
 
 def test_dense_closed_form():
@@ -152,18 +96,5 @@ def test_bf16_autocast_runs_and_constraint_math_is_float32():
     torch.manual_seed(0)
     layers = [AOLLinear(6, 4), AOLConv2d(3, 2, 3, padding=1, padding_mode="circular")]
     inputs = [torch.randn(2, 6), torch.randn(2, 3, 5, 5)]
-    for layer, x in zip(layers, inputs, strict=True):
-        reference = layer.constrained_weight()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
-            inside = layer.constrained_weight()
-        assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())
-        assert inside.dtype == torch.float32
-        torch.testing.assert_close(inside, reference, rtol=0, atol=0)
-        y.float().sum().backward()
-        assert bool(torch.isfinite(layer.weight.grad).all())
     plain = lipschitz_aol(nn.Linear(6, 4).to(torch.bfloat16))
-    expected = AOLConstraint().constrain(plain.parametrizations.weight.original.float()).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert plain.weight.dtype == torch.bfloat16
-        torch.testing.assert_close(plain.weight, expected, rtol=0, atol=0)
+    check_bf16_constraint_math(layers, inputs, plain, AOLConstraint())

@@ -14,15 +14,6 @@ CHANNELS = [(1, 1), (2, 3), (3, 2)]
 SHAPES = [(5, 5), (4, 6), (1, 7)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP spin-waits slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("c_in,c_out", CHANNELS)
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_cayley_conv_protocol(c_in, c_out, k):

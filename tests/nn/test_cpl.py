@@ -3,35 +3,22 @@
 import pytest
 import torch
 from lipschitz_checks import check_layer
+from residual_cases import (
+    CONV_GRID,
+    DENSE,
+    PADDINGS,
+    check_bf16_autocast,
+    check_eval_cache_and_bound,
+    check_export_matches,
+    explicit_conv,
+    spatial_size,
+)
 
-from stablenet.nn.base import LAYER_ROUNDING_SLACK
 from stablenet.nn.cpl import CPLConv2d, CPLLinear
-from stablenet.nn.residual import Residual
-from stablenet.nn.sll import _conv_same
 from stablenet.spectral.conv import conv_spectral_norm
 
-DENSE = [(1, 1), (1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
-CHANNELS = [(1, 1), (2, 3), (3, 2), (3, 3)]
-KERNELS = [1, 3, 5]
-PADDINGS = ["zeros", "circular"]
-SIZES = [(5, 5), (4, 6), (1, 7)]
-CONV_GRID = [(c, i, k, p) for c, i in CHANNELS for k in KERNELS for p in PADDINGS]
 #: float64 rounding of the Gram iteration: the bound may equal sigma_1 (rank one) and land an ulp below it.
 ROUNDING = 1e-12
-
-
-def spatial_size(index: int, kernel: int, padding_mode: str) -> tuple[int, int]:
-    """Cycle through SIZES; torch's circular padding cannot wrap a height-1 input around a 5x5 kernel."""
-    size = SIZES[index % len(SIZES)]
-    return (5, 5) if padding_mode == "circular" and min(size) < kernel // 2 else size
-
-
-def explicit_conv(weight: torch.Tensor, size: tuple[int, int], padding_mode: str) -> torch.Tensor:
-    """The layer's own convolution as a matrix (rows: flattened outputs), from the identity basis."""
-    c, (kh, kw) = weight.shape[1], weight.shape[-2:]
-    d = c * size[0] * size[1]
-    eye = torch.eye(d, dtype=weight.dtype).reshape(d, c, *size)
-    return _conv_same(eye, weight, None, (kh // 2, kw // 2), padding_mode).reshape(d, -1).T
 
 
 @pytest.mark.parametrize("features,inner", DENSE)
@@ -147,32 +134,11 @@ def test_cpl_export_matches_in_float32_and_float64(padding_mode):
         (CPLConv2d(3, 4, 3, padding_mode=padding_mode), (2, 3, 6, 5)),
         (CPLConv2d(2, 3, (5, 1), bias=False, padding_mode=padding_mode, input_size=(6, 4)), (2, 2, 6, 4)),
     ]
-    for layer, shape in layers:
-        for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
-            layer = layer.to(dtype).eval()
-            x = torch.randn(*shape, dtype=dtype) * 3
-            exported = layer.export()
-            assert isinstance(exported, Residual) and not exported.training
-            assert all(type(m).__module__.startswith("torch.nn") for m in exported.branch.modules())
-            with torch.no_grad():
-                torch.testing.assert_close(exported(x), layer(x), rtol=tol, atol=tol)
+    check_export_matches(layers)
 
 
 def test_cpl_eval_cache_and_bound():
-    torch.manual_seed(0)
-    layer = CPLConv2d(2, 3)
-    assert layer.lipschitz_bound() == 1 + LAYER_ROUNDING_SLACK
-    x = torch.randn(2, 2, 5, 5)
-    train_out = layer(x)
-    layer.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), train_out, rtol=1e-6, atol=1e-6)
-        first = layer._cache._value
-        layer(x)
-        assert layer._cache._value is first
-        other = CPLConv2d(2, 3)
-        layer.load_state_dict(other.state_dict())
-        torch.testing.assert_close(layer(x), other.eval()(x))
+    check_eval_cache_and_bound(lambda: CPLConv2d(2, 3), (2, 2, 5, 5), tol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -187,13 +153,4 @@ def test_bf16_autocast_on_cpu_keeps_the_bound_in_float64(make, shape):
     torch.manual_seed(0)
     layer = make()
     x = torch.randn(*shape)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.norm_bound().dtype == torch.float64  # Note [constraint precision]
-        out = layer(x)
-        out.float().pow(2).sum().backward()
-        layer.eval()
-        with torch.no_grad():
-            assert torch.isfinite(layer(x)).all()
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
-    torch.testing.assert_close(out.float(), layer.train()(x), rtol=0.05, atol=0.05)
+    check_bf16_autocast(layer, x, layer.norm_bound, torch.float64)  # Note [constraint precision]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from constraint_cases import DENSE_SHAPES
 from lipschitz_checks import check_layer
 from torch import nn
 
@@ -13,17 +14,6 @@ from stablenet.nn.orthogonal import (
     lipschitz_orthogonal,
     remove_lipschitz_orthogonal,
 )
-
-DENSE_SHAPES = [(1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP spin-waits slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", ["bjorck", "cayley"])

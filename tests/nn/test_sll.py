@@ -3,39 +3,27 @@
 import pytest
 import torch
 from lipschitz_checks import check_layer
+from residual_cases import (
+    CONV_GRID,
+    DENSE,
+    PADDINGS,
+    check_bf16_autocast,
+    check_eval_cache_and_bound,
+    check_export_matches,
+    explicit_conv,
+    spatial_size,
+)
 from torch import nn
 
-from stablenet.nn.base import LAYER_ROUNDING_SLACK
-from stablenet.nn.residual import Residual
-from stablenet.nn.sll import SLLConv2d, SLLLinear, _conv_same, _conv_same_adjoint, sll_rescaling
+from stablenet.nn.residual_layers import _conv_same, _conv_same_adjoint
+from stablenet.nn.sll import SLLConv2d, SLLLinear, sll_rescaling
 from stablenet.spectral.conv import conv_operator_matrix
-
-DENSE = [(1, 1), (1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
-CHANNELS = [(1, 1), (2, 3), (3, 2), (3, 3)]
-KERNELS = [1, 3, 5]
-PADDINGS = ["zeros", "circular"]
-SIZES = [(5, 5), (4, 6), (1, 7)]
-CONV_GRID = [(c, i, k, p) for c, i in CHANNELS for k in KERNELS for p in PADDINGS]
-
-
-def spatial_size(index: int, kernel: int, padding_mode: str) -> tuple[int, int]:
-    """Cycle through SIZES; torch's circular padding cannot wrap a height-1 input around a 5x5 kernel."""
-    size = SIZES[index % len(SIZES)]
-    return (5, 5) if padding_mode == "circular" and min(size) < kernel // 2 else size
 
 
 def with_random_q(layer: nn.Module, scale: float = 1.0) -> nn.Module:
     with torch.no_grad():
         layer.q_log.normal_(0, scale)
     return layer
-
-
-def explicit_conv(weight: torch.Tensor, size: tuple[int, int], padding_mode: str) -> torch.Tensor:
-    """The layer's own convolution as a matrix (rows: flattened outputs), from the identity basis."""
-    c, (kh, kw) = weight.shape[1], weight.shape[-2:]
-    d = c * size[0] * size[1]
-    eye = torch.eye(d, dtype=weight.dtype).reshape(d, c, *size)
-    return _conv_same(eye, weight, None, (kh // 2, kw // 2), padding_mode).reshape(d, -1).T
 
 
 @pytest.mark.parametrize("features,inner", DENSE)
@@ -170,32 +158,11 @@ def test_export_matches_in_float32_and_float64(padding_mode):
         (with_random_q(SLLConv2d(3, 4, 3, padding_mode=padding_mode)), (2, 3, 6, 5)),
         (with_random_q(SLLConv2d(2, 3, (1, 5), bias=False, padding_mode=padding_mode)), (2, 2, 4, 6)),
     ]
-    for layer, shape in layers:
-        for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
-            layer = layer.to(dtype).eval()
-            x = torch.randn(*shape, dtype=dtype) * 3
-            exported = layer.export()
-            assert isinstance(exported, Residual) and not exported.training
-            assert all(type(m).__module__.startswith("torch.nn") for m in exported.branch.modules())
-            with torch.no_grad():
-                torch.testing.assert_close(exported(x), layer(x), rtol=tol, atol=tol)
+    check_export_matches(layers)
 
 
 def test_sll_conv_eval_cache_and_bound():
-    torch.manual_seed(0)
-    layer = SLLConv2d(2, 3)
-    assert layer.lipschitz_bound() == 1 + LAYER_ROUNDING_SLACK
-    x = torch.randn(2, 2, 5, 5)
-    train_out = layer(x)
-    layer.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), train_out, rtol=0, atol=0)
-        first = layer._cache._value
-        layer(x)
-        assert layer._cache._value is first
-        other = SLLConv2d(2, 3)
-        layer.load_state_dict(other.state_dict())  # an in-place copy invalidates the cache
-        torch.testing.assert_close(layer(x), other.eval()(x))
+    check_eval_cache_and_bound(lambda: SLLConv2d(2, 3), (2, 2, 5, 5), tol=0)
 
 
 @pytest.mark.parametrize("make", [lambda: SLLLinear(6, 8), lambda: SLLConv2d(2, 3, padding_mode="circular")])
@@ -204,13 +171,5 @@ def test_bf16_autocast_on_cpu_keeps_the_rescaling_in_float32(make):
     layer = make()
     shape = (4, 6) if isinstance(layer, SLLLinear) else (4, 2, 5, 5)
     x = torch.randn(*shape)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.rescaling().dtype == torch.float32
-        out = layer(x)
-        out.float().pow(2).sum().backward()
-        layer.eval()
-        with torch.no_grad():
-            assert torch.isfinite(layer(x)).all()
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    assert layer.weight.grad is not None and layer.q_log.grad is not None
-    torch.testing.assert_close(out.float(), layer.train()(x), rtol=0.05, atol=0.05)
+    check_bf16_autocast(layer, x, layer.rescaling, torch.float32)
+    assert layer.q_log.grad is not None

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from constraint_cases import DENSE_SHAPES
 from lipschitz_checks import check_layer
 from torch import nn
 
@@ -17,17 +18,6 @@ from stablenet.nn.spectral_norm import (
 )
 from stablenet.spectral import conv_operator_matrix
 from stablenet.spectral.dense import operator_matrix
-
-DENSE_SHAPES = [(1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP spin-waits slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("in_features,out_features", DENSE_SHAPES)

@@ -1,7 +1,18 @@
 """SRLinear / SRConv2d and lipschitz_sr: the property protocol, the iteration count, parametrizations, errors."""
 
+from functools import partial
+
 import pytest
 import torch
+from constraint_cases import (
+    CONV,
+    DENSE_SHAPES,
+    check_bf16_constraint_math,
+    check_conv_parametrization,
+    check_linear_parametrization,
+    conv_kwargs,
+    explicit_norm,
+)
 from lipschitz_checks import check_layer
 from torch import nn
 
@@ -10,49 +21,8 @@ from stablenet.nn.sr import SRConstraint, SRConv2d, SRLinear, lipschitz_sr, remo
 from stablenet.spectral.conv import conv_operator_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only contend (10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-DENSE = [(1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]
-# (c_in, c_out, kernel, padding, padding_mode, stride, groups, dilation, spatial size)
-CONV = [
-    (1, 1, 1, 0, "zeros", 1, 1, 1, (5, 5)),
-    (2, 3, 3, 1, "zeros", 1, 1, 1, (4, 6)),
-    (3, 2, 3, "same", "circular", 1, 1, 1, (5, 5)),
-    (2, 3, 5, 2, "zeros", 1, 1, 1, (1, 7)),
-    (3, 2, 5, 2, "circular", 1, 1, 1, (4, 6)),
-    (2, 3, 3, 0, "circular", 1, 1, 1, (5, 5)),
-    (1, 1, 3, 1, "circular", 1, 1, 1, (1, 7)),
-    (3, 2, 1, 2, "zeros", 1, 1, 1, (4, 6)),
-    (2, 3, 3, 1, "zeros", 2, 1, 1, (5, 5)),
-    (4, 2, 3, "same", "circular", 1, 2, 1, (4, 6)),
-    (2, 3, 3, 2, "circular", 1, 1, 2, (5, 5)),
-    (3, 2, 5, "same", "zeros", 1, 1, 1, (1, 7)),
-]
-
-
-def conv_kwargs(case):
-    _, _, _, padding, padding_mode, stride, groups, dilation, _ = case
-    return {"padding": padding, "padding_mode": padding_mode, "stride": stride, "groups": groups, "dilation": dilation}
-
-
-def explicit_norm(conv: nn.Conv2d, size) -> float:
-    """SVD norm of the module's own operator (float64), from the identity basis through ``conv.forward``."""
-    d = conv.in_channels * size[0] * size[1]
-    eye = torch.eye(d, dtype=torch.float64).reshape(d, conv.in_channels, *size)
-    with torch.no_grad():
-        out = conv(eye) - (conv.bias[:, None, None] if conv.bias is not None else 0)
-    return float(torch.linalg.matrix_norm(out.reshape(d, -1), 2))
-
-
 @pytest.mark.parametrize("n_iter", [1, 3, 5])
-@pytest.mark.parametrize("features", DENSE)
+@pytest.mark.parametrize("features", DENSE_SHAPES)
 def test_sr_linear_protocol(features, n_iter):
     check_layer(lambda: SRLinear(*features, n_iter=n_iter), (features[0],))
 
@@ -88,21 +58,9 @@ def test_iteration_count_one_is_aol_and_more_approach_spectral_normalisation():
 
 
 def test_parametrization_on_linear_registers_and_removes():
-    torch.manual_seed(0)
-    plain = nn.Linear(5, 7).double()
-    free = plain.weight.detach().clone()
-    lipschitz_sr(plain, n_iter=4)
-    reference = SRLinear(5, 7, n_iter=4).double()
-    with torch.no_grad():
-        reference.weight.copy_(free)
-    torch.testing.assert_close(plain.weight, reference.constrained_weight())
-    assert float(torch.linalg.matrix_norm(plain.weight.detach(), 2)) <= 1 + 1e-12
-    value = plain.weight.detach().clone()
-    remove_lipschitz_sr(plain)
-    assert type(plain.weight) is nn.Parameter
-    torch.testing.assert_close(plain.weight.detach(), value)
-    with pytest.raises(ValueError, match="no SRConstraint"):
-        remove_lipschitz_sr(plain)
+    check_linear_parametrization(
+        partial(lipschitz_sr, n_iter=4), remove_lipschitz_sr, partial(SRLinear, n_iter=4), "SRConstraint"
+    )
 
 
 def test_parametrized_modules_pass_the_protocol():
@@ -112,17 +70,7 @@ def test_parametrized_modules_pass_the_protocol():
 
 
 def test_parametrization_on_conv_matches_the_layer():
-    torch.manual_seed(1)
-    kwargs = conv_kwargs(CONV[10])  # dilation 2, circular
-    conv = nn.Conv2d(2, 3, 3, **kwargs).double()
-    layer = SRConv2d(2, 3, 3, **kwargs, n_iter=2).double()
-    with torch.no_grad():
-        layer.weight.copy_(conv.weight)
-    lipschitz_sr(conv, n_iter=2)
-    torch.testing.assert_close(conv.weight, layer.constrained_weight())
-    assert explicit_norm(conv, (5, 5)) <= 1 + 1e-12
-    remove_lipschitz_sr(conv)
-    assert explicit_norm(conv, (5, 5)) <= 1 + 1e-12
+    check_conv_parametrization(partial(lipschitz_sr, n_iter=2), remove_lipschitz_sr, partial(SRConv2d, n_iter=2))
 
 
 def test_zero_rows_stay_zero_with_finite_gradients():
@@ -159,21 +107,8 @@ def test_bf16_autocast_runs_and_constraint_math_is_float32():
     torch.manual_seed(0)
     layers = [SRLinear(6, 4), SRConv2d(3, 2, 3, padding=1, padding_mode="circular")]
     inputs = [torch.randn(2, 6), torch.randn(2, 3, 5, 5)]
-    for layer, x in zip(layers, inputs, strict=True):
-        reference = layer.constrained_weight()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
-            inside = layer.constrained_weight()
-        assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())
-        assert inside.dtype == torch.float32
-        torch.testing.assert_close(inside, reference, rtol=0, atol=0)
-        y.float().sum().backward()
-        assert bool(torch.isfinite(layer.weight.grad).all())
     plain = lipschitz_sr(nn.Conv2d(3, 2, 3).to(torch.bfloat16))
-    expected = SRConstraint().constrain(plain.parametrizations.weight.original.float()).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert plain.weight.dtype == torch.bfloat16
-        torch.testing.assert_close(plain.weight, expected, rtol=0, atol=0)
+    check_bf16_constraint_math(layers, inputs, plain, SRConstraint())
 
 
 def test_conv_one_by_one_matches_the_linear_layer():

@@ -15,14 +15,7 @@ from stablenet.spectral.rescaling import (
     sr_rescaling,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only contend (10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (tests/conftest.py)
 
 
 F64 = torch.float64

@@ -37,36 +37,13 @@ from stablenet.nn.constrained import (
     ConstrainedLinear,
     Constraint,
     ConvGeometry,
+    layer_geometry,
     register_constraint,
     remove_constraint,
 )
 from stablenet.spectral.rescaling import aol_conv_rescaling, aol_rescaling, dilate_kernel
 
 __all__ = ["AOLConstraint", "AOLConv2d", "AOLLinear", "lipschitz_aol", "remove_lipschitz_aol"]
-
-
-# Note [circular over-padding]
-# With circular padding wider than d(k-1)/2 per side, torch's output is longer than its input and repeats rows of
-# the circulant operator, so its norm can exceed the circulant's (by up to the square root of the repetition
-# count, which depends on the input size). The Gram-kernel rescalings bound the circulant only, so such
-# layers are refused.
-
-
-def _rescaling_geometry(module: nn.Module, caller: str) -> ConvGeometry | None:
-    """``None`` for an ``nn.Linear``, the checked geometry of an ``nn.Conv2d``; raises for anything else."""
-    if isinstance(module, nn.Linear):
-        return None
-    if not isinstance(module, nn.Conv2d):
-        raise ValueError(f"{caller} works on nn.Linear and nn.Conv2d modules; got {type(module).__name__}")
-    geometry = ConvGeometry.of(module)
-    if geometry.padding_mode == "circular" and not isinstance(geometry.padding, str):
-        for p, k, d in zip(geometry.padding, module.kernel_size, geometry.dilation, strict=True):
-            if 2 * p > d * (k - 1):
-                raise ValueError(
-                    f"{caller}: circular padding must be at most (dilation * (kernel_size - 1)) // 2 = "
-                    f"{d * (k - 1) // 2} per side, or 'same'; got padding={tuple(geometry.padding)}"
-                )
-    return geometry
 
 
 class AOLConstraint(Constraint):
@@ -124,8 +101,8 @@ class AOLConv2d(ConstrainedConv2d):
     r"""``nn.Conv2d`` with the AOL kernel (one scale per input channel): 1-Lipschitz for any free kernel.
 
     Same constructor as ``nn.Conv2d``; ``padding_mode`` must be ``"zeros"`` or ``"circular"`` (circular padding
-    at most ``"same"``-wide, Note [circular over-padding]). The bound holds for every input size, stride,
-    dilation and groups.
+    at most ``"same"``-wide, Note [circular over-padding] in ``stablenet.nn.constrained``). The bound holds for
+    every input size, stride, dilation and groups.
     """
 
     def __init__(
@@ -145,20 +122,20 @@ class AOLConv2d(ConstrainedConv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self.constraint = AOLConstraint(_rescaling_geometry(self, "AOLConv2d"))
+        self.constraint = AOLConstraint(layer_geometry(self, "AOLConv2d"))
 
 
 def lipschitz_aol(module: nn.Module, name: str = "weight") -> nn.Module:
     """Constrain ``module.<name>`` with AOL as a parametrization; returns ``module``.
 
     Works on any ``nn.Linear`` or ``nn.Conv2d`` (padding mode ``"zeros"`` or ``"circular"``, the latter at most
-    ``"same"``-wide: Note [circular over-padding]). The free weight is kept in
+    ``"same"``-wide: Note [circular over-padding] in ``stablenet.nn.constrained``). The free weight is kept in
     ``module.parametrizations.<name>.original``.
 
     Raises:
         ValueError: for other module types, other padding modes or widths, or a missing tensor ``name``.
     """
-    return register_constraint(module, name, AOLConstraint(_rescaling_geometry(module, "lipschitz_aol")))
+    return register_constraint(module, name, AOLConstraint(layer_geometry(module, "lipschitz_aol")))
 
 
 def remove_lipschitz_aol(module: nn.Module, name: str = "weight") -> nn.Module:

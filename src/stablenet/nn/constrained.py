@@ -10,6 +10,12 @@ normalisation, a rescaling, an orthogonalisation) whose operator has norm at mos
   ``forward``, once per evaluation in eval mode (Note [eval cache] in ``stablenet.nn.base``).
 
 The constraint math runs in float32 or higher with autocast disabled, so bf16 training keeps the guarantee.
+
+# Note [circular over-padding]
+With circular padding wider than d(k-1)/2 per side, torch's output is longer than its input and repeats rows of
+the circulant operator, so its norm can exceed the circulant's (by up to the square root of the repetition
+count, which depends on the input size). The Gram-kernel bounds and rescalings bound the circulant only, so
+:meth:`ConvGeometry.of` refuses such layers.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ __all__ = [
     "ConvGeometry",
     "check_odd_kernel",
     "check_padding_mode",
+    "constraints_of",
+    "layer_geometry",
     "register_constraint",
     "remove_constraint",
 ]
@@ -61,7 +69,7 @@ class ConvGeometry:
     def of(cls, conv: nn.Conv2d, input_size: int | Sequence[int] | None = None) -> ConvGeometry:
         """The geometry of ``conv``; raises ``ValueError`` for paddings whose operator we cannot bound."""
         check_padding_mode(conv.padding_mode)
-        if conv.padding_mode == "circular" and not isinstance(conv.padding, str):
+        if conv.padding_mode == "circular" and not isinstance(conv.padding, str):  # Note [circular over-padding]
             reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
             if any(2 * p > r for p, r in zip(conv.padding, reach, strict=True)):
                 raise ValueError(
@@ -80,6 +88,19 @@ class ConvGeometry:
             conv.groups,
             input_size,
         )
+
+
+def layer_geometry(module: nn.Module, caller: str) -> ConvGeometry | None:
+    """``None`` for an ``nn.Linear``, the checked geometry of an ``nn.Conv2d``; raises for anything else.
+
+    Raises:
+        ValueError: for other module types, or paddings :meth:`ConvGeometry.of` refuses.
+    """
+    if isinstance(module, nn.Linear):
+        return None
+    if not isinstance(module, nn.Conv2d):
+        raise ValueError(f"{caller} works on nn.Linear and nn.Conv2d modules; got {type(module).__name__}")
+    return ConvGeometry.of(module)
 
 
 def check_padding_mode(padding_mode: str) -> None:
@@ -238,16 +259,28 @@ def register_constraint(module: nn.Module, name: str, constraint: nn.Module) -> 
     return module
 
 
-def remove_constraint(module: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module:
+def constraints_of(module: nn.Module, name: str, kind: type | tuple[type, ...]) -> list[nn.Module]:
+    """The parametrizations of ``module.<name>`` that are instances of ``kind`` (empty when there is none)."""
+    if not parametrize.is_parametrized(module, name):
+        return []
+    return [p for p in module.parametrizations[name] if isinstance(p, kind)]
+
+
+def remove_constraint(
+    module: nn.Module, name: str, kind: type | tuple[type, ...], description: str | None = None
+) -> nn.Module:
     """Take the parametrization of type ``kind`` off ``module.<name>``, keeping the constrained value.
+
+    Args:
+        module, name: the parametrized tensor ``module.<name>``.
+        kind: the constraint type, or a tuple of them.
+        description: what the error calls the parametrization (default: the name of ``kind``).
 
     Raises:
         ValueError: when ``module.<name>`` has no parametrization of that type.
     """
-    found = parametrize.is_parametrized(module, name) and any(
-        isinstance(p, kind) for p in module.parametrizations[name]
-    )
-    if not found:
-        raise ValueError(f"{type(module).__name__}.{name} has no {kind.__name__} parametrization to remove")
+    if not constraints_of(module, name, kind):
+        what = description or kind.__name__
+        raise ValueError(f"{type(module).__name__}.{name} has no {what} parametrization to remove")
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return module

@@ -24,29 +24,20 @@ bound, so stopping early is sound, and train and eval compute the same value):
   :math:`C` into a circular convolution on :math:`n + k//2` pixels (``conv_spectral_norm(method="embed")``).
 
 The bound is computed in float64 (Note [constraint precision] in ``stablenet.nn.base``) with autocast disabled
-and cached in eval mode (Note [eval cache] in ``stablenet.nn.base``).
+and cached in eval mode (Note [eval cache] in ``stablenet.nn.base``). The residual machinery shared with SLL
+(Note [folded scaling], Note [conv adjoint]) is in ``stablenet.nn.residual_layers``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache, at_least_float32
-from stablenet.nn.constrained import check_odd_kernel, check_padding_mode
+from stablenet.nn.base import at_least_float32
 from stablenet.nn.residual import Residual
-from stablenet.nn.sll import (
-    _adjoint_kernel,
-    _check_conv_input,
-    _conv_same,
-    _conv_same_adjoint,
-    _plain_residual,
-    _plain_residual_conv,
-)
+from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
 from stablenet.spectral.conv import circular_gram_bound, spatial_gram_bound
 from stablenet.spectral.dense import gram_iteration
 
@@ -83,7 +74,7 @@ def _fold_kernel(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
     return kernel5
 
 
-class CPLLinear(nn.Module):
+class CPLLinear(_ResidualLinear):
     r"""Dense CPL residual layer :math:`x - \frac{2}{\hat\sigma^2} W^\top \mathrm{ReLU}(Wx + b)`, 1-Lipschitz.
 
     Args:
@@ -99,35 +90,6 @@ class CPLLinear(nn.Module):
         True
     """
 
-    def __init__(
-        self,
-        features: int,
-        inner_features: int | None = None,
-        bias: bool = True,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if features < 1:
-            raise ValueError(f"features must be >= 1; got {features}")
-        inner = features if inner_features is None else inner_features
-        if inner < 1:
-            raise ValueError(f"inner_features must be >= 1; got {inner}")
-        kw = {"device": device, "dtype": dtype}
-        self.features, self.inner_features = features, inner
-        self.weight = nn.Parameter(torch.empty(inner, features, **kw))
-        self.bias = nn.Parameter(torch.empty(inner, **kw)) if bias else None
-        self._cache = WeightCache()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.weight)
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._cache.clear()
-
     def norm_bound(self) -> Tensor:
         r"""The upper bound :math:`\hat\sigma \ge \|W\|_2` (Gram iteration in float64, Note [constraint precision])."""
         with torch.autocast(self.weight.device.type, enabled=False):
@@ -137,45 +99,23 @@ class CPLLinear(nn.Module):
         r"""The step :math:`2 / \hat\sigma^2` (float64)."""
         return _step(self.norm_bound())
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.features:
-            raise ValueError(f"CPLLinear expects inputs with last dimension {self.features}; got {tuple(x.shape)}")
-        back = self._cache.get(self, [self.weight], self.back_weight)
-        h = torch.relu(F.linear(x, self.weight, self.bias))
-        return x + F.linear(h, back.to(h.dtype))
-
     def back_weight(self) -> Tensor:
-        r"""The second factor :math:`-(2/\hat\sigma^2) W^\top` (Note [folded scaling] in ``stablenet.nn.sll``)."""
+        r"""The second factor :math:`-(2/\hat\sigma^2) W^\top` (Note [folded scaling])."""
         step = self.step()
         with torch.autocast(self.weight.device.type, enabled=False):
             return -step * at_least_float32(self.weight).T
 
-    def lipschitz_bound(self) -> float:
-        """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
-        return 1.0 + LAYER_ROUNDING_SLACK
-
     def export(self) -> Residual:
         r"""``Residual(Sequential(Linear(W, b), ReLU(), Linear(-(2/σ̂²) W^T)))``: plain torch, same outputs."""
-        with torch.no_grad():
-            w = self.weight.detach()
-            back = self.back_weight().to(w.dtype)
-            return _plain_residual(
-                nn.Linear(self.features, self.inner_features, self.bias is not None, w.device, w.dtype),
-                nn.Linear(self.inner_features, self.features, False, w.device, w.dtype),
-                w,
-                self.bias,
-                back,
-            ).train(self.training)
-
-    def extra_repr(self) -> str:
-        return f"features={self.features}, inner_features={self.inner_features}, bias={self.bias is not None}"
+        return super().export()
 
 
-class CPLConv2d(nn.Module):
+class CPLConv2d(_ResidualConv2d):
     r"""Convolutional CPL residual layer :math:`x - \frac{2}{\hat\sigma^2} C^\top \mathrm{ReLU}(Cx + b)`.
 
     :math:`C` is the stride-1 convolution with kernel :math:`K` (``inner x channels x kh x kw``) and "same"
-    padding ``k // 2``; the adjoint is exact for both paddings (Note [conv adjoint] in ``stablenet.nn.sll``).
+    padding ``k // 2``; the adjoint is exact for both paddings (Note [conv adjoint] in
+    ``stablenet.nn.residual_layers``).
 
     Args:
         channels: input and output channels (the layer is residual).
@@ -206,14 +146,7 @@ class CPLConv2d(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1; got {channels}")
-        inner = channels if inner_channels is None else inner_channels
-        if inner < 1:
-            raise ValueError(f"inner_channels must be >= 1; got {inner}")
-        kh, kw = check_odd_kernel(kernel_size, "CPLConv2d")
-        check_padding_mode(padding_mode)
+        super().__init__(channels, inner_channels, kernel_size, bias, padding_mode, device=device, dtype=dtype)
         if input_size is not None:
             size = (input_size,) * 2 if isinstance(input_size, int) else tuple(input_size)
             if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
@@ -221,21 +154,7 @@ class CPLConv2d(nn.Module):
                     f"input_size must be None, a positive int or (h, w) of positive ints; got {input_size}"
                 )
             input_size = size
-        kw_args = {"device": device, "dtype": dtype}
-        self.channels, self.inner_channels = channels, inner
-        self.kernel_size, self.padding, self.padding_mode = (kh, kw), (kh // 2, kw // 2), padding_mode
         self.input_size: tuple[int, int] | None = input_size
-        self.weight = nn.Parameter(torch.empty(inner, channels, kh, kw, **kw_args))
-        self.bias = nn.Parameter(torch.empty(inner, **kw_args)) if bias else None
-        self._cache = WeightCache()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.weight)
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.channels * self.kernel_size[0] * self.kernel_size[1])
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._cache.clear()
 
     def norm_bound(self) -> Tensor:
         r"""The upper bound :math:`\hat\sigma \ge \|C\|_2` (see the module docstring), in float64."""
@@ -254,16 +173,13 @@ class CPLConv2d(nn.Module):
         r"""The step :math:`2 / \hat\sigma^2` (float64)."""
         return _step(self.norm_bound())
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_conv_input("CPLConv2d", x, self.channels, self.padding, self.padding_mode)
+    def _check_input(self, x: Tensor) -> None:
+        super()._check_input(x)
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(
                 f"CPLConv2d was built for input_size {self.input_size} (its bound holds at that size only); "
                 f"got spatial size {tuple(x.shape[-2:])}"
             )
-        back = self._cache.get(self, [self.weight], self.back_weight)
-        h = torch.relu(_conv_same(x, self.weight, self.bias, self.padding, self.padding_mode))
-        return x + _conv_same_adjoint(h, back.to(h.dtype), self.padding, self.padding_mode)
 
     def back_weight(self) -> Tensor:
         r"""The kernel :math:`-(2/\hat\sigma^2) K` whose adjoint is the second factor (Note [folded scaling])."""
@@ -271,23 +187,13 @@ class CPLConv2d(nn.Module):
         with torch.autocast(self.weight.device.type, enabled=False):
             return -step * at_least_float32(self.weight)
 
-    def lipschitz_bound(self) -> float:
-        """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
-        return 1.0 + LAYER_ROUNDING_SLACK
-
     def export(self) -> Residual:
         r"""Plain ``Residual(Sequential(Conv2d(K, b), ReLU(), Conv2d(-(2/σ̂²) K^T)))`` with the same outputs.
 
         With ``input_size`` set, the exported block no longer checks the input size: its guarantee still
         holds only at that size.
         """
-        with torch.no_grad():
-            w = self.weight.detach()
-            back = _adjoint_kernel(self.back_weight().to(w.dtype))
-            return _plain_residual_conv(w, self.bias, back, self.padding, self.padding_mode).train(self.training)
+        return super().export()
 
     def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, inner_channels={self.inner_channels}, kernel_size={self.kernel_size}, "
-            f"bias={self.bias is not None}, padding_mode={self.padding_mode!r}, input_size={self.input_size}"
-        )
+        return f"{super().extra_repr()}, input_size={self.input_size}"

@@ -48,13 +48,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from stablenet.nn.constrained import (
     ConstrainedConv2d,
     ConstrainedLinear,
     Constraint,
     ConvGeometry,
+    constraints_of,
     register_constraint,
     remove_constraint,
 )
@@ -322,14 +322,9 @@ def remove_lipschitz_spectral(module: nn.Module, name: str = "weight") -> nn.Mod
     Raises:
         ValueError: when ``module.<name>`` has no spectral-normalisation parametrization.
     """
-    found = [
-        p
-        for p in (module.parametrizations[name] if parametrize.is_parametrized(module, name) else [])
-        if isinstance(p, (DenseSpectralConstraint, ConvSpectralConstraint))
-    ]
-    if not found:
-        raise ValueError(f"{type(module).__name__}.{name} has no spectral-normalisation parametrization to remove")
-    remove_constraint(module, name, type(found[0]))
+    kinds = (DenseSpectralConstraint, ConvSpectralConstraint)
+    found = constraints_of(module, name, kinds)
+    remove_constraint(module, name, kinds, "spectral-normalisation")
     for constraint in found:  # the input-size hook, matched by its owner (which survives deepcopy)
         for key, hook in list(module._forward_pre_hooks.items()):
             if getattr(hook, "__self__", None) is constraint:

@@ -34,12 +34,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stablenet.nn.aol import _rescaling_geometry
 from stablenet.nn.constrained import (
     ConstrainedConv2d,
     ConstrainedLinear,
     Constraint,
     ConvGeometry,
+    layer_geometry,
     register_constraint,
     remove_constraint,
 )
@@ -113,7 +113,7 @@ class SRConv2d(ConstrainedConv2d):
 
     Same constructor as ``nn.Conv2d`` plus ``n_iter`` (:math:`T \ge 1`, keyword only); ``padding_mode`` must
     be ``"zeros"`` or ``"circular"`` (circular at most ``"same"``-wide, Note [circular over-padding] in
-    ``stablenet.nn.aol``). The Gram iterate has :math:`2^T(k-1)+1` offsets per axis, so the cost
+    ``stablenet.nn.constrained``). The Gram iterate has :math:`2^T(k-1)+1` offsets per axis, so the cost
     grows quickly with ``n_iter``.
     """
 
@@ -137,14 +137,14 @@ class SRConv2d(ConstrainedConv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self.constraint = SRConstraint(n_iter, _rescaling_geometry(self, "SRConv2d"))
+        self.constraint = SRConstraint(n_iter, layer_geometry(self, "SRConv2d"))
 
 
 def lipschitz_sr(module: nn.Module, name: str = "weight", n_iter: int = 3) -> nn.Module:
     """Constrain ``module.<name>`` with spectral rescaling as a parametrization; returns ``module``.
 
     Works on any ``nn.Linear`` or ``nn.Conv2d`` (padding mode ``"zeros"`` or ``"circular"``, the latter at most
-    ``"same"``-wide: Note [circular over-padding] in ``stablenet.nn.aol``). The free weight is kept in
+    ``"same"``-wide: Note [circular over-padding] in ``stablenet.nn.constrained``). The free weight is kept in
     ``module.parametrizations.<name>.original``.
 
     Raises:
@@ -152,7 +152,7 @@ def lipschitz_sr(module: nn.Module, name: str = "weight", n_iter: int = 3) -> nn
             ``name``.
     """
     _check_n_iter(n_iter)
-    return register_constraint(module, name, SRConstraint(n_iter, _rescaling_geometry(module, "lipschitz_sr")))
+    return register_constraint(module, name, SRConstraint(n_iter, layer_geometry(module, "lipschitz_sr")))
 
 
 def remove_lipschitz_sr(module: nn.Module, name: str = "weight") -> nn.Module:
