@@ -120,3 +120,18 @@ def test_every_zoo_layer_is_exported_by_the_package():
         assert name.split("-")[0] in snn.__all__
     for fn in ("lipschitz_spectral", "lipschitz_aol", "lipschitz_sr", "lipschitz_orthogonal"):
         assert fn in snn.__all__ and "remove_" + fn in snn.__all__
+
+
+def test_eval_cache_sees_changes_made_between_dtype_round_trips():
+    """A cached weight must not survive .double(), an in-place edit, .float() (the allocator may reuse addresses)."""
+    torch.manual_seed(0)
+    for _ in range(20):
+        layer = snn.AOLLinear(16, 16).eval()
+        x = torch.randn(2, 16)
+        with torch.no_grad():
+            layer(x)  # fills the cache
+            layer.double()
+            layer.weight.mul_(-1.0)
+            layer.float()
+            expected = torch.nn.functional.linear(x, layer.constrained_weight(), layer.bias)
+            torch.testing.assert_close(layer(x), expected)

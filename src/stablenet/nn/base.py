@@ -4,9 +4,10 @@
 A constrained layer maps free parameters to constrained weights (a normalisation, a rescaling). In
 training that map runs at every forward so gradients flow through it. In eval mode, with no gradient
 needed for the parameters, the weights are fixed, so we compute them once and reuse them: inference then
-costs what a plain layer costs. The cache key holds each parameter's storage pointer, in-place version
-counter, device and dtype, so an optimiser step, ``load_state_dict`` (an in-place ``copy_``) or ``.to()``
-invalidates it without any hook.
+costs what a plain layer costs. The cache key holds each parameter's storage pointer and in-place version
+counter, so an optimiser step, ``load_state_dict`` (an in-place ``copy_``) or ``.to()`` (new storage)
+invalidates it without any hook; the cache keeps the keyed storages alive, so their addresses cannot be
+reused by new tensors while the key stands.
 
 # Note [rounding slack]
 A layer that is 1-Lipschitz in exact arithmetic computes in float32, so its measured constant can exceed 1
@@ -39,22 +40,25 @@ class WeightCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._value: object = None
+        self._alive: list[Tensor] = []
 
     def get(self, module: nn.Module, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
         """Return ``compute()``, reusing the cached value in eval mode when no parameter needs a gradient."""
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if module.training or needs_grad:
-            self._key, self._value = None, None
+        if module.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._key, self._value, self._alive = None, None, []
             return compute()
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        key = tuple((p.data_ptr(), p._version) for p in params)
         if key != self._key:
             with torch.no_grad():
                 self._value = compute()
             self._key = key
+            # Holding the storages keeps their addresses from being reused by a later allocation (after a
+            # `.to()`, say), so an equal key always means the same, unmodified tensors.
+            self._alive = [p.detach() for p in params]
         return self._value
 
     def clear(self) -> None:
-        self._key, self._value = None, None
+        self._key, self._value, self._alive = None, None, []
 
 
 def at_least_float32(t: Tensor) -> Tensor:

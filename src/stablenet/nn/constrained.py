@@ -137,7 +137,10 @@ def _constrained(module: nn.Module) -> Tensor:
 
 
 def _cache_params(module: nn.Module) -> list[Tensor]:
-    return [module.weight, *module.constraint.parameters()]
+    constraint = module.constraint
+    if not constraint._modules:  # the common case, without the generator machinery of parameters() (per call)
+        return [module.weight, *(p for p in constraint._parameters.values() if p is not None)]
+    return [module.weight, *constraint.parameters()]
 
 
 class ConstrainedLinear(nn.Linear):
