@@ -101,11 +101,15 @@ def conv_gram_kernel(kernel: Tensor, groups: int = 1, side: str = "output") -> T
     if side == "input":
         k5 = k5.transpose(1, 2)  # C^T C correlates the kernel's input-channel slices over output channels
     g, c, inner = k5.shape[:3]
-    # One grouped conv: the "images" are the c rows of every group, the filters the same rows.
-    images = k5.permute(1, 0, 2, 3, 4).reshape(c, g * inner, kh, kw)
-    filters = k5.reshape(g * c, inner, kh, kw)
-    out = F.conv2d(images, filters, padding=(kh - 1, kw - 1), groups=g)  # (c_i, g * c_j, 2kh-1, 2kw-1)
-    return out.reshape(c, g, c, 2 * kh - 1, 2 * kw - 1).permute(1, 0, 2, 3, 4)
+    # G[g, i, j, s] = sum_{m, u} K[g, i, m, u + s] K[g, j, m, u] for the (2kh-1)(2kw-1) offsets s, as one batched
+    # GEMM: the windows of row i at every offset (unfold of the zero-padded row) against the flattened rows j.
+    # Note [gram as GEMM]: a cross-correlation conv2d computes the same, but constraint math runs in float64
+    # (Note [constraint precision] in stablenet.nn.base), where GEMMs are several times faster than convolutions.
+    padded = F.pad(k5.reshape(g * c, inner, kh, kw), (kw - 1, kw - 1, kh - 1, kh - 1))
+    windows = F.unfold(padded, (kh, kw)).reshape(g, c, inner * kh * kw, (2 * kh - 1) * (2 * kw - 1))
+    rows = k5.reshape(g, c, inner * kh * kw)
+    out = torch.einsum("gikl,gjk->gijl", windows, rows)
+    return out.reshape(g, c, c, 2 * kh - 1, 2 * kw - 1)
 
 
 def safe_reciprocal(x: Tensor) -> Tensor:
