@@ -139,3 +139,27 @@ def test_zero_dense_layers_and_head_width():
     model = create_model("cayley_xs", 10, 3, 16, width=4, n_conv=1, n_dense=1, dense_width=32)
     assert model[-1].in_features == 32
     assert math.isfinite(lipschitz_upper_bound(model, (3, 16, 16)))
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("sll_xs", {"n_conv": 2, "n_dense": 1, "width": 8}),
+        ("aol_xs", {"n_conv": 2, "n_dense": 1, "width": 8}),
+        ("cayley_xs", {"n_conv": 2, "n_dense": 1, "width": 8}),
+        ("lipconvnet", {}),
+    ],
+)
+def test_export_model_is_plain_and_equal(name, options):
+    from stablenet.nn import export_model
+    from stablenet.nn.constrained import ConstrainedConv2d, ConstrainedLinear
+    from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
+
+    torch.manual_seed(0)
+    net = create_model(name, num_classes=10, in_channels=3, input_size=(16, 16), **options).eval()
+    x = torch.rand(3, 3, 16, 16)
+    plain = export_model(net, example_input=x).eval()
+    constrained = (ConstrainedConv2d, ConstrainedLinear, _ResidualConv2d, _ResidualLinear)
+    assert not any(isinstance(m, constrained) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), net(x), rtol=1e-5, atol=1e-5)

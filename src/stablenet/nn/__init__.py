@@ -17,7 +17,7 @@ from stablenet.nn.lln import LinearNormalized
 from stablenet.nn.orthogonal import OrthogonalLinear, lipschitz_orthogonal, remove_lipschitz_orthogonal
 from stablenet.nn.pooling import L2NormPool2d, LipAvgPool2d
 from stablenet.nn.preprocess import ChannelPad, InputNormalization
-from stablenet.nn.residual import LipResidual, Residual
+from stablenet.nn.residual import LipResidual, Residual, export_model
 from stablenet.nn.sll import SLLConv2d, SLLLinear
 from stablenet.nn.spectral_norm import SpectralConv2d, SpectralLinear, lipschitz_spectral, remove_lipschitz_spectral
 from stablenet.nn.sr import SRConv2d, SRLinear, lipschitz_sr, remove_lipschitz_sr
@@ -48,6 +48,7 @@ __all__ = [
     "SRLinear",
     "SpectralConv2d",
     "SpectralLinear",
+    "export_model",
     "lipschitz_aol",
     "lipschitz_orthogonal",
     "lipschitz_spectral",

@@ -9,7 +9,8 @@ normalisation, a rescaling, an orthogonalisation) whose operator has norm at mos
   :class:`ConstrainedConv2d`: the free parameter stays ``weight`` and the constrained weight is computed in
   ``forward``, once per evaluation in eval mode (Note [eval cache] in ``stablenet.nn.base``).
 
-The constraint math runs in float32 or higher with autocast disabled, so bf16 training keeps the guarantee.
+The constraint math runs with autocast disabled, its scales and norm bounds in float64 (Note [constraint
+precision] in ``stablenet.nn.base``), so bf16 training and TF32 keep the guarantee.
 
 # Note [circular over-padding]
 With circular padding wider than d(k-1)/2 per side, torch's output is longer than its input and repeats rows of

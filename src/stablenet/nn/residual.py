@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LipResidual", "Residual", "export_branch"]
+__all__ = ["LipResidual", "Residual", "export_branch", "export_model"]
 
 
 class Residual(nn.Module):
@@ -48,6 +48,32 @@ class Residual(nn.Module):
     def residual_branch(self) -> nn.Module:
         """The branch :math:`h` (a network bounds ``self`` by ``1 + L(h)``)."""
         return self.branch
+
+
+def export_model(model: nn.Module, example_input: Tensor | None = None) -> nn.Module:
+    """A deployable copy of ``model``: every constrained layer replaced by the plain torch layers of its ``export()``.
+
+    In eval mode the copy computes the same outputs (to float rounding) without any constraint cost. Certify the
+    original model: the copy's layers are plain, so only the generic (looser) network bound applies to it.
+
+    Args:
+        model: the network.
+        example_input: a batch run through ``model`` (eval mode, no gradient) before exporting; needed by layers
+            whose export depends on the input size (``CayleyConv2d``) when they have not seen an input yet.
+
+    Example:
+        >>> from stablenet.models import create_model
+        >>> net = create_model("lipconvnet", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
+        >>> x = torch.rand(2, 1, 8, 8)
+        >>> torch.allclose(export_model(net).eval()(x), net(x), atol=1e-5)
+        True
+    """
+    if example_input is not None:
+        training = model.training
+        with torch.no_grad():
+            model.eval()(example_input)
+        model.train(training)
+    return export_branch(model)
 
 
 def export_branch(module: nn.Module) -> nn.Module:
