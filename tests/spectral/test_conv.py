@@ -177,3 +177,20 @@ def test_numeric_padding_sizes_including_zero(padding_size):
         conv_spectral_norm(kernel, 6, "zeros", padding_size="full")
     with pytest.raises(ValueError, match="padding_size must be a non-negative int"):
         conv_spectral_norm(kernel, 6, "zeros", padding_size=-1)
+
+
+def test_circular_bounds_fold_a_kernel_larger_than_the_input():
+    """On N < k pixels the circular operator wraps taps onto each other; the bounds must see every tap."""
+    import torch.nn.functional as F
+
+    from stablenet.spectral.conv import _circular_exact, circular_gram_bound
+
+    torch.manual_seed(0)
+    kernel = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    h, w = 4, 6
+    n = 2 * h * w
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, 2, h, w)
+    tiled = eye.repeat(1, 1, 3, 3)[:, :, h - 2 : 2 * h + 2, w - 2 : 2 * w + 2]  # circular padding by 2, wrapped
+    exact = torch.linalg.matrix_norm(F.conv2d(tiled, kernel).reshape(n, -1).T, 2)
+    assert float(_circular_exact(kernel[None], (h, w))) == pytest.approx(float(exact), rel=1e-12)
+    assert float(circular_gram_bound(kernel[None], (h, w))) >= float(exact) * (1 - 1e-12)

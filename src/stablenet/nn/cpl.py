@@ -58,22 +58,6 @@ def _step(sigma: Tensor) -> Tensor:
     return torch.where(positive, 2.0 / torch.where(positive, sigma, torch.ones_like(sigma)).square(), 0.0)
 
 
-def _fold_kernel(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
-    r"""The kernel of the circular convolution on ``size`` pixels, folded modulo ``size`` where it is larger.
-
-    On :math:`N < k` pixels the taps :math:`u` and :math:`u + N` act on the same pixel, so they add up; the
-    DFT at size :math:`N` then sees every tap (``rfft2`` would crop the kernel and under-estimate the norm).
-    """
-    for dim, n in ((3, size[0]), (4, size[1])):
-        k = kernel5.shape[dim]
-        if k > n:
-            shape = list(kernel5.shape)
-            shape[dim] = n
-            index = torch.arange(k, device=kernel5.device) % n
-            kernel5 = kernel5.new_zeros(shape).index_add(dim, index, kernel5)
-    return kernel5
-
-
 class CPLLinear(_ResidualLinear):
     r"""Dense CPL residual layer :math:`x - \frac{2}{\hat\sigma^2} W^\top \mathrm{ReLU}(Wx + b)`, 1-Lipschitz.
 
@@ -167,7 +151,7 @@ class CPLConv2d(_ResidualConv2d):
             if self.padding_mode == "zeros":
                 # The zero-padded operator is a submatrix of the circular one on n + p pixels (embedding bound).
                 h, w = h + self.padding[0], w + self.padding[1]
-            return circular_gram_bound(_fold_kernel(kernel5, (h, w)), (h, w), CPL_FFT_GRAM_ITERS)
+            return circular_gram_bound(kernel5, (h, w), CPL_FFT_GRAM_ITERS)  # folds a kernel larger than (h, w)
 
     def step(self) -> Tensor:
         r"""The step :math:`2 / \hat\sigma^2` (float64)."""

@@ -198,9 +198,26 @@ def conv_operator_matrix(kernel: Tensor, input_size: int | Sequence[int], **conv
     return conv.apply(eye).reshape(d_in, -1).T
 
 
+def _fold_kernel(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
+    r"""The kernel of the circular convolution on ``size`` pixels, folded modulo ``size`` where it is larger.
+
+    On :math:`N < k` pixels the taps :math:`u` and :math:`u + N` act on the same pixel, so they add up; the DFT
+    at size :math:`N` then sees every tap (``rfft2(s=size)`` alone would crop the kernel and under-estimate the
+    norm). A no-op when the kernel fits.
+    """
+    for dim, n in ((-2, size[0]), (-1, size[1])):
+        k = kernel5.shape[dim]
+        if k > n:
+            shape = list(kernel5.shape)
+            shape[dim] = n
+            index = torch.arange(k, device=kernel5.device) % n
+            kernel5 = kernel5.new_zeros(shape).index_add(dim % kernel5.dim(), index, kernel5)
+    return kernel5
+
+
 def _half_spectrum(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
-    """``(g, H, W//2+1, c_out/g, c_in/g)`` DFT of the kernel zero-padded to ``size``."""
-    spec = torch.fft.rfft2(kernel5, s=size)
+    """``(g, H, W//2+1, c_out/g, c_in/g)`` DFT of the circular kernel on ``size`` pixels (folded, then zero-padded)."""
+    spec = torch.fft.rfft2(_fold_kernel(kernel5, size), s=size)
     return spec.permute(0, 3, 4, 1, 2)
 
 
