@@ -101,3 +101,14 @@ def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
 def test_cli_rejects_bad_repeats(capsys):
     assert main(["bench", "layers", "--quick", "--repeats", "0"]) != 0
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite,size", [("layers", "0"), ("spectral", "4")])
+def test_cli_rejects_bad_batch_size(capsys, suite, size):
+    assert main(["bench", suite, "--quick", "--batch-size", size]) == 2
+    assert "--batch-size must be >= 1 and applies to the layers suite only" in capsys.readouterr().err
+
+
+def test_batch_size_override_reaches_the_rows(monkeypatch):
+    rows = bench_layers(device="cpu", config=tiny_config(), batch_size=3)
+    assert rows and all(r["shape"][0] == 3 for r in rows if r["mode"] != "train_bf16")
