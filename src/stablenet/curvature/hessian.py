@@ -331,10 +331,12 @@ class Hessian:
         if self.wrt == "inputs":
             inputs = variables[0]
         grads = torch.autograd.grad(self._loss(inputs, targets), variables, create_graph=True, allow_unused=True)
-        terms = [(g * v).sum() for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
-        if not terms:  # the gradient does not depend on the variables: H = 0
+        pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
+        if not pairs:  # the gradient does not depend on the variables: H = 0
             return torch.zeros(sum(v.numel() for v in variables), dtype=self._dtype, device=self._device)
-        hv = torch.autograd.grad(sum(terms), variables, allow_unused=True)
+        # H v = d/dθ <g, v>: one vector-Jacobian product of the gradient with v, without building <g, v> itself.
+        outputs, grad_outputs = zip(*pairs, strict=True)
+        hv = torch.autograd.grad(outputs, variables, grad_outputs=grad_outputs, allow_unused=True)
         return _flatten([torch.zeros_like(v) if h is None else h for h, v in zip(hv, variables, strict=True)])
 
     def _batch_hvp_func(self, params: Sequence[Tensor], vs: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
