@@ -388,3 +388,26 @@ def _ddp_worker(rank, world_size, out):
         torch.save((hv, values), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrt", ["params", "inputs"])
+def test_graph_reuse_gives_the_same_results_with_one_forward_per_solve(wrt):
+    """Note [graph reuse]: a single batch's gradient graph is built once per eigensolve / trace / density."""
+    model = mlp().double()
+    x, y = classification(12)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    cached = Hessian(model, F.cross_entropy, (x, y), wrt=wrt)
+    plain = Hessian(model, F.cross_entropy, (x, y), wrt=wrt, cache_graph=False)
+    forwards.clear()
+    ev_cached, _ = cached.eigenvalues(k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    assert len(forwards) == 1 and cached.last_num_hvp > 2
+    ev_plain, _ = plain.eigenvalues(k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ev_cached, ev_plain, rtol=1e-10, atol=1e-12)
+    tr_cached = cached.trace(num_samples=5, generator=torch.Generator().manual_seed(1))
+    tr_plain = plain.trace(num_samples=5, generator=torch.Generator().manual_seed(1))
+    assert tr_cached == pytest.approx(tr_plain, rel=1e-10, abs=1e-12)
+    forwards.clear()
+    cached.hvp(torch.ones(cached.dim, dtype=torch.float64))
+    cached.hvp(torch.ones(cached.dim, dtype=torch.float64))
+    assert len(forwards) == 2  # single products outside a solve do not keep graphs alive

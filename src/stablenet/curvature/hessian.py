@@ -115,6 +115,9 @@ class Hessian:
         train_mode: evaluate the model in train mode.
         backend: one of :data:`BACKENDS`; default ``"double_backward"`` (faster on CPU in our measurements,
             and it supports parameters outside ``model``).
+        cache_graph: with a single batch and ``"double_backward"``, keep the gradient's graph during one
+            :meth:`eigenvalues`, :meth:`trace` or :meth:`density` call, so each product after the first is one
+            backward pass (Note [graph reuse]; the memory of one forward-backward graph is held meanwhile).
 
     Attributes:
         last_num_hvp: Hessian-vector products used by the last public call.
@@ -142,6 +145,7 @@ class Hessian:
         *,
         train_mode: bool = False,
         backend: str = "double_backward",
+        cache_graph: bool = True,
     ) -> None:
         if wrt not in WRT:
             raise ValueError(f"wrt must be one of {', '.join(map(repr, WRT))}; got {wrt!r}")
@@ -155,6 +159,8 @@ class Hessian:
         self.wrt = wrt
         self.train_mode = bool(train_mode)
         self.backend = backend
+        self.cache_graph = bool(cache_graph)
+        self._graph_cache: dict | None = None
         self.num_hvp = 0
         self.last_num_hvp = 0
         self.last_result: EigshResult | dict[str, EigshResult] | None = None
@@ -324,19 +330,41 @@ class Hessian:
         grads = torch.autograd.grad(self._loss(inputs, targets), variables, allow_unused=True)
         return _flatten([torch.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)])
 
+    @contextlib.contextmanager
+    def _cached_graphs(self) -> Iterator[None]:
+        """Keep the first-order graph of a single batch across the products of one solve (Note [graph reuse])."""
+        single = isinstance(self._batches, list) and len(self._batches) == 1
+        self._graph_cache = {} if (single and self.cache_graph and self.backend == "double_backward") else None
+        try:
+            yield
+        finally:
+            self._graph_cache = None
+
     def _batch_hvp(self, params: Sequence[Tensor], vs: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
         if self.backend == "forward_over_reverse":
             return self._batch_hvp_func(params, vs, inputs, targets)
-        variables = self._variables(params, inputs)
-        if self.wrt == "inputs":
-            inputs = variables[0]
-        grads = torch.autograd.grad(self._loss(inputs, targets), variables, create_graph=True, allow_unused=True)
+        # Note [graph reuse]: H v = d/dθ <∇L(θ), v> differentiates the gradient's graph, which does not depend on v.
+        # Within one eigensolve, trace or density on a single batch (self._graph_cache set), the gradient and its
+        # graph are built once and kept (retain_graph); each further product is one backward pass through it.
+        cache = self._graph_cache
+        key = tuple(id(p) for p in params)
+        if cache is not None and key in cache:
+            variables, grads = cache[key]
+        else:
+            variables = self._variables(params, inputs)
+            if self.wrt == "inputs":
+                inputs = variables[0]
+            grads = torch.autograd.grad(self._loss(inputs, targets), variables, create_graph=True, allow_unused=True)
+            if cache is not None:
+                cache[key] = (variables, grads)
         pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the variables: H = 0
             return torch.zeros(sum(v.numel() for v in variables), dtype=self._dtype, device=self._device)
         # H v = d/dθ <g, v>: one vector-Jacobian product of the gradient with v, without building <g, v> itself.
         outputs, grad_outputs = zip(*pairs, strict=True)
-        hv = torch.autograd.grad(outputs, variables, grad_outputs=grad_outputs, allow_unused=True)
+        hv = torch.autograd.grad(
+            outputs, variables, grad_outputs=grad_outputs, allow_unused=True, retain_graph=cache is not None
+        )
         return _flatten([torch.zeros_like(v) if h is None else h for h, v in zip(hv, variables, strict=True)])
 
     def _batch_hvp_func(self, params: Sequence[Tensor], vs: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
@@ -462,9 +490,10 @@ class Hessian:
         reports: dict[str, EigshResult] = {}
         for name, space in self._spaces(per_group).items():
             dim = sum(t.numel() for t in space)
-            result = solver(
-                self._matvec(space), dim, k, max_iter=max_iter, tol=tol, generator=generator, device=self._device
-            )
+            with self._cached_graphs():
+                result = solver(
+                    self._matvec(space), dim, k, max_iter=max_iter, tol=tol, generator=generator, device=self._device
+                )
             vectors = [_unflatten(x.to(self._dtype), space) for x in result.eigenvectors]
             if self.wrt == "inputs":
                 vectors = [x[0] for x in vectors]
@@ -506,9 +535,10 @@ class Hessian:
         for name, space in self._spaces(per_group).items():
             dim = sum(t.numel() for t in space)
             samples = torch.empty(num_samples, dtype=torch.float64)
-            for j in range(num_samples):
-                z = rademacher(dim, generator=generator, device=self._device)
-                samples[j] = torch.dot(z, self._hvp_flat(space, z).to(torch.float64)).item()
+            with self._cached_graphs():
+                for j in range(num_samples):
+                    z = rademacher(dim, generator=generator, device=self._device)
+                    samples[j] = torch.dot(z, self._hvp_flat(space, z).to(torch.float64)).item()
             results[name] = (samples.mean().item(), (samples.std() / math.sqrt(num_samples)).item())
         self.last_num_hvp = self.num_hvp - start
         return results if per_group else results["all"]
@@ -551,9 +581,10 @@ class Hessian:
         """
         generator = self._generator(generator)
         start = self.num_hvp
-        nodes, weights = stochastic_lanczos_quadrature(
-            self._matvec(self._space), self.dim, num_runs, num_steps, generator=generator, device=self._device
-        )
+        with self._cached_graphs():
+            nodes, weights = stochastic_lanczos_quadrature(
+                self._matvec(self._space), self.dim, num_runs, num_steps, generator=generator, device=self._device
+            )
         self.last_num_hvp = self.num_hvp - start
         self.last_quadrature = (nodes, weights)
         support = nodes[weights > 0]
