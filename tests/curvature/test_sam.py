@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import time
 import warnings
 
@@ -536,6 +537,26 @@ def test_sam_step_uses_no_sync_for_the_ascent_only(rho, expected):
     assert model.entered == (1 if rho > 0 else 0)
 
 
+def _ddp_sam_matches_plain_sam() -> None:
+    x, y = _data()
+    plain = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(_mlp())
+    syncing = []
+
+    def loss_fn():
+        syncing.append(ddp.require_backward_grad_sync)
+        return F.cross_entropy(ddp(x), y)
+
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    ref_opt = SAM(plain.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        sam_step(ddp, opt, loss_fn)
+        sam_step(plain, ref_opt, lambda: F.cross_entropy(plain(x), y))
+    assert syncing == [False, True, False, True]
+    for p, q in zip(ddp.module.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_real_ddp_single_process(tmp_path):
     dist = torch.distributed
     if not dist.is_available() or not dist.is_gloo_available():
@@ -547,24 +568,11 @@ def test_real_ddp_single_process(tmp_path):
     try:
         if time.perf_counter() - start > 5:
             pytest.skip("process group initialisation is too slow here")
-        x, y = _data()
-        plain = _mlp()
-        ddp = nn.parallel.DistributedDataParallel(_mlp())
-        syncing = []
-
-        def loss_fn():
-            syncing.append(ddp.require_backward_grad_sync)
-            return F.cross_entropy(ddp(x), y)
-
-        opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
-        ref_opt = SAM(plain.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
-        for _ in range(2):
-            sam_step(ddp, opt, loss_fn)
-            sam_step(plain, ref_opt, lambda: F.cross_entropy(plain(x), y))
-        assert syncing == [False, True, False, True]
-        for p, q in zip(ddp.module.parameters(), plain.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        _ddp_sam_matches_plain_sam()
     finally:
+        # The DDP model's reducer holds the process group: it must be gone before the group is destroyed, or
+        # its destructor can join gloo threads that no longer run (a hang seen in about one full run in five).
+        gc.collect()
         dist.destroy_process_group()
 
 

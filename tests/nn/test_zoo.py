@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -88,12 +90,17 @@ def test_ddp_gradients_match_the_plain_layer(name, process_group):
     twin = factory()
     twin.load_state_dict(layer.state_dict())
     ddp = nn.parallel.DistributedDataParallel(twin)
-    x = torch.randn(3, *shape)
-    layer(x).square().sum().backward()
-    ddp(x).square().sum().backward()
-    assert any(p.grad is not None for p in layer.parameters())
-    for p, q in zip(layer.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    try:
+        x = torch.randn(3, *shape)
+        layer(x).square().sum().backward()
+        ddp(x).square().sum().backward()
+        assert any(p.grad is not None for p in layer.parameters())
+        for p, q in zip(layer.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        # The reducer must not outlive the process group (see tests/curvature/test_sam.py).
+        del ddp
+        gc.collect()
 
 
 @_params(ZOO)
