@@ -104,7 +104,8 @@ def conv_gram_kernel(kernel: Tensor, groups: int = 1, side: str = "output") -> T
     # G[g, i, j, s] = sum_{m, u} K[g, i, m, u + s] K[g, j, m, u] for the (2kh-1)(2kw-1) offsets s, as one batched
     # GEMM: the windows of row i at every offset (unfold of the zero-padded row) against the flattened rows j.
     # Note [gram as GEMM]: a cross-correlation conv2d computes the same, but constraint math runs in float64
-    # (Note [constraint precision] in stablenet.nn.base), where GEMMs are several times faster than convolutions.
+    # (Note [constraint precision] in stablenet.nn.base), where GPUs run GEMMs on tensor cores and cuDNN has no
+    # fast convolution; on this CPU the two are within 10% (benchmarks/zoo_micro.py).
     padded = F.pad(k5.reshape(g * c, inner, kh, kw), (kw - 1, kw - 1, kh - 1, kh - 1))
     windows = F.unfold(padded, (kh, kw)).reshape(g, c, inner * kh * kw, (2 * kh - 1) * (2 * kw - 1))
     rows = k5.reshape(g, c, inner * kh * kw)
