@@ -9,6 +9,7 @@ with a fixed seed. Strided layers are measured on their unstrided operator (the 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -72,18 +73,39 @@ def _timed(fn: Callable[[], Tensor | float], repeats: int, device: torch.device)
     return value, statistics.median(times)
 
 
+def _certified(
+    k64: Tensor, n: int, padding: str, names: dict[str, str]
+) -> dict[str, tuple[str, Callable[[], Tensor | float]]]:
+    """Rows of ``conv_spectral_norm_upper_bound`` with each named method."""
+    return {
+        name: (padding, functools.partial(conv_spectral_norm_upper_bound, k64, n, padding=padding, method=method))
+        for name, method in names.items()
+    }
+
+
 def _methods(shape: ConvShape, kernel: Tensor, quick: bool) -> dict[str, tuple[str, Callable[[], Tensor | float]]]:
     n = shape.input_size
     k64 = kernel.double()
     methods: dict[str, tuple[str, Callable[[], Tensor | float]]] = {
         "circular_exact": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="exact")),
         "circular_gram": ("circular", lambda: conv_spectral_norm(kernel, n, "circular", method="gram")),
-        "circular_gram_certified": ("circular", lambda: conv_spectral_norm_upper_bound(k64, n, padding="circular")),
+        **_certified(
+            k64, n, "circular", {"circular_gram_certified": "gram", "circular_cholesky_certified": "cholesky"}
+        ),
         "circular_power100": (
             "circular",
             lambda: conv_spectral_norm(kernel, n, "circular", method="power", n_iter=100),
         ),
-        "zeros_embed_certified": ("zeros", lambda: conv_spectral_norm_upper_bound(k64, n, padding="zeros")),
+        **_certified(
+            k64,
+            n,
+            "zeros",
+            {
+                "zeros_embed_certified": "embed",
+                "zeros_embed_svd_certified": "svd",
+                "zeros_embed_cholesky_certified": "cholesky",
+            },
+        ),
         "zeros_embed": ("zeros", lambda: conv_spectral_norm(kernel, n, "zeros", method="embed")),
         "zeros_spatial_gram": ("zeros", lambda: conv_spectral_norm(kernel, n, "zeros", method="gram", n_iter=4)),
         "zeros_power100": ("zeros", lambda: conv_spectral_norm(kernel, n, "zeros", method="power", n_iter=100)),
@@ -160,7 +182,7 @@ def bench_spectral(
                     row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 rows.append(row)
                 if progress is not None:
-                    progress(f"{shape.name:28s} {method:26s} ratio {row['ratio']:.5f}  {ms:9.2f} ms")
+                    progress(f"{shape.name:28s} {method:32s} ratio {row['ratio']:.5f}  {ms:9.2f} ms")
     return rows
 
 

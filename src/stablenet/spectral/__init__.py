@@ -31,12 +31,14 @@ from stablenet.spectral.rescaling import (
     sr_conv_rescaling,
     sr_rescaling,
 )
+from stablenet.spectral.verified import cholesky_circular_bound, gram_spectrum
 
 __all__ = [
     "CONV_METHODS",
     "GRAM_ROUNDING_SLACK",
     "aol_conv_rescaling",
     "aol_rescaling",
+    "cholesky_circular_bound",
     "conv_gram_kernel",
     "conv_gram_power_rowsums",
     "conv_operator",
@@ -45,6 +47,7 @@ __all__ = [
     "conv_spectral_norm_upper_bound",
     "dilate_kernel",
     "gram_iteration",
+    "gram_spectrum",
     "layer_lipschitz_bounds",
     "lipschitz_lower_bound",
     "lipschitz_upper_bound",

@@ -1,0 +1,73 @@
+"""Whole-ResNet-18 certified zero-padding bound: time per method, methods interleaved in one run.
+
+    python benchmarks/resnet18_bound.py --device cpu --methods svd,cholesky --repeats 3 \
+        --json benchmarks/results/cpu/resnet18_cpu.json
+    python benchmarks/resnet18_bound.py --profile cholesky   # where the time goes
+
+Each repeat runs every method once (in the given order) after one warm-up of each, so a noisy machine slows
+them alike; the JSON holds every run, the median per method, and the ratio of medians to the first method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+
+import torch
+
+from stablenet.bench.spectral import resnet18_bound_time
+from stablenet.io import atomic_write_text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--methods", default="svd,cholesky", help="comma-separated methods of conv_spectral_norm_upper_bound"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the runs here")
+    parser.add_argument("--profile", default=None, help="instead, profile one run of this method (top operators)")
+    args = parser.parse_args()
+    if args.profile:
+        resnet18_bound_time(args.device, args.profile)  # warm-up
+        with torch.profiler.profile() as prof:
+            run = resnet18_bound_time(args.device, args.profile)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        print(f"{args.profile}: {run['total_ms'] / 1e3:.2f} s; share of self CPU time by operator:")
+        for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
+            print(f"  {event.key:32s} {100 * event.self_cpu_time_total / total:5.1f}%")
+        return
+    methods = args.methods.split(",")
+    for method in methods:
+        resnet18_bound_time(args.device, method)  # warm-up
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for repeat in range(args.repeats):
+        for method in methods:
+            run = resnet18_bound_time(args.device, method)
+            runs[method].append(run)
+            print(f"repeat {repeat}  {method:10s} {run['total_ms'] / 1e3:7.2f} s", flush=True)
+    medians = {m: statistics.median(r["total_ms"] for r in runs[m]) for m in methods}
+    base = methods[0]
+    largest_gap = max(
+        abs(a / b - 1) for m in methods for a, b in zip(runs[m][0]["values"], runs[base][0]["values"], strict=True)
+    )
+    for method in methods:
+        print(f"{method:10s} median {medians[method] / 1e3:.2f} s  ({medians[base] / medians[method]:.2f}x {base})")
+    print(f"largest relative difference of a layer's bound between methods: {largest_gap:.2e}")
+    if args.json:
+        summary = {
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "median_ms": medians,
+            "speedup_vs_" + base: {m: medians[base] / medians[m] for m in methods},
+            "runs": runs,
+        }
+        atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
