@@ -161,6 +161,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
     p.add_argument("--batch-size", type=int, default=None, help="layers suite only: batch size (default 256)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="curvature suite only: random (default, no download) or mnist (lenet trained briefly, test images)",
+    )
     p.add_argument("--json", default=None, help="write the rows to this JSON Lines file")
     _add_quiet(p)
 
@@ -485,11 +490,11 @@ def _bench_suite(suite: str):
         return bench_layers, HEADER, format_row
     from stablenet.bench.spectral import bench_spectral
 
-    header = f"{'layer':44s} {'method':26s} {'ratio':>9s} {'time_ms':>10s}"
+    header = f"{'layer':44s} {'method':32s} {'ratio':>9s} {'time_ms':>10s}"
     return (
         bench_spectral,
         header,
-        lambda r: f"{r['layer']:44s} {r['method']:26s} {r['ratio']:9.5f} {r['time_ms']:10.2f}",
+        lambda r: f"{r['layer']:44s} {r['method']:32s} {r['ratio']:9.5f} {r['time_ms']:10.2f}",
     )
 
 
@@ -504,6 +509,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.suite != "layers" or args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1 and applies to the layers suite only; got {args.batch_size}")
         extra["batch_size"] = args.batch_size
+    if args.data is not None:
+        if args.suite != "curvature":
+            raise ValueError(f"--data applies to the curvature suite only; got it with {args.suite!r}")
+        extra["data"] = args.data
     run, header, format_row = _bench_suite(args.suite)
     rows = run(
         quick=args.quick,

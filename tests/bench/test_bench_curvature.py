@@ -86,3 +86,38 @@ def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
     assert len(rows) == 5 and all(FIELDS <= set(r) for r in rows)
     printed = capsys.readouterr().out
     assert "hvp_over_grad" in printed and "landscape_2d" in printed and str(out) in printed
+
+
+def test_bad_data_source():
+    with pytest.raises(ValueError, match="data must be one of random, mnist; got 'imagenet'"):
+        bench_curvature(sizes=TINY, data="imagenet")
+    with pytest.raises(ValueError, match=r"data='mnist' needs sizes\.input_size == 28; got 8"):
+        bench_curvature(sizes=TINY, data="mnist")
+
+
+def test_cli_rejects_data_for_other_suites(capsys):
+    assert main(["bench", "spectral", "--quick", "--data", "mnist"]) == 2
+    assert "--data applies to the curvature suite only" in capsys.readouterr().err
+
+
+def test_mnist_rows_measure_a_trained_network(shared_data, monkeypatch):
+    """With real data, lenet is trained first (its accuracy on the measured batch shows it) and measured."""
+    monkeypatch.setenv("STABLENET_DATA", str(shared_data))
+    trained = []
+    original = curvature._train_briefly
+
+    def spy(model, seed, device):
+        original(model, seed, device)
+        images, labels = curvature._mnist(256, device)
+        with torch.no_grad():
+            trained.append(float((model(images).argmax(1) == labels).float().mean()))
+
+    monkeypatch.setattr(curvature, "_train_briefly", spy)
+    sizes = CurvatureSizes(
+        batch_size=32, landscape_examples=20, landscape_resolution=3, width=4, hidden=16, input_size=28, tol=1e-6
+    )
+    rows = bench_curvature(device="cpu", repeats=1, sizes=sizes, data="mnist")
+    assert trained and trained[0] > 0.3  # one pass over 10 000 images: far above chance (0.1), even this tiny
+    assert all(r["data"] == "mnist" for r in rows)
+    lanczos = next(r for r in rows if r.get("method") == "lanczos")
+    assert lanczos["converged"] and lanczos["relative_error"] < 1e-3
