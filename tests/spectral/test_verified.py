@@ -127,6 +127,11 @@ def test_misleading_trace_ranking_and_fallback_stay_sound():
     assert float(cholesky_circular_bound(kernel, size, max_rounds=1)) >= exact
 
 
+def test_zero_kernel_has_norm_zero():
+    bound = float(cholesky_circular_bound(torch.zeros(1, 3, 4, 3, 3, dtype=torch.float64), (6, 6)))
+    assert 0.0 <= bound <= 1e-150
+
+
 def test_small_batches_give_the_same_bound():
     kernel = torch.randn(1, 9, 7, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     whole = cholesky_circular_bound(kernel, (11, 11))
@@ -179,6 +184,8 @@ def test_bad_input_names_what_is_accepted():
         cholesky_circular_bound(kernel, (5, 5), rtol=0.0)
     with pytest.raises(ValueError, match=r"dtype must be torch\.float64 or torch\.float32"):
         cholesky_circular_bound(kernel, (5, 5), dtype=torch.float16)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cholesky_circular_bound(torch.full((1, 2, 2, 3, 3), float("inf")), (5, 5))
     with pytest.raises(ValueError, match="method in auto, cholesky, gram, svd"):
         conv_spectral_norm_upper_bound(kernel[0], 5, padding="circular", method="power")
     with pytest.raises(ValueError, match="NaN or Inf"):

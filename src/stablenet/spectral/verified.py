@@ -228,17 +228,20 @@ def _lanczos_top(gram: Tensor, steps: int) -> Tensor:
         q = torch.where(alive, w / torch.where(alive, norm, 1), 0)
     tri = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     ritz = basis @ torch.linalg.eigh(tri)[1][:, :, -1:].to(gram.dtype)
-    return (ritz.mH @ (gram @ ritz)).real[:, 0, 0] / torch.linalg.vector_norm(ritz, dim=1)[:, 0].square()
+    norm2 = torch.linalg.vector_norm(ritz, dim=1)[:, 0].square().clamp_min(torch.finfo(alpha.dtype).tiny)
+    return (ritz.mH @ (gram @ ritz)).real[:, 0, 0] / norm2
 
 
 def _factorises(shifted: Tensor) -> Tensor:
-    """Boolean per matrix: ``cholesky_ex`` succeeded. Overwrites ``shifted`` with its factor (no new buffer).
+    """Boolean per matrix: ``cholesky_ex`` succeeded. On CPU, overwrites ``shifted`` with its factor.
 
     On a CPU, batched LAPACK factorisations run one matrix after another on one core; a large batch of small
     matrices is split over ``torch.get_num_threads()`` threads (torch releases the GIL inside the call).
     """
 
     def factorise(chunk: Tensor) -> Tensor:
+        if chunk.device.type != "cpu":  # in-place output is only checked on CPU (tests/spectral/test_verified.py)
+            return torch.linalg.cholesky_ex(chunk).info == 0
         info = torch.empty(len(chunk), dtype=torch.int32, device=chunk.device)
         torch.linalg.cholesky_ex(chunk, out=(chunk, info))
         return info == 0
@@ -288,6 +291,8 @@ def cholesky_circular_bound(
         raise ValueError(f"rtol must be a positive float; got {rtol!r}")
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32; got {dtype}")
+    if not torch.isfinite(kernel5).all():
+        raise ValueError("kernel contains NaN or Inf; a spectral norm needs finite weights")
     with torch.no_grad():
         spectrum = _Spectrum(kernel5.detach().to(dtype), size)
         diag = spectrum.diagonals()
@@ -297,6 +302,7 @@ def cholesky_circular_bound(
         first = max(FIRST_PROBES, min(64, (1 << 18) // (c * c)))  # small matrices: probing many is cheap
         top = diag.sum(dim=1).topk(min(first, len(spectrum))).indices
         level = float(_lanczos_top(spectrum.gram(top), PROBE_STEPS).max()) * grow
+        level = max(level, torch.finfo(dtype).tiny)  # an all-zero kernel: any positive level verifies
         pending, probes, gram = torch.arange(len(spectrum), device=diag.device), 2, None
         for _ in range(max_rounds):
             failed = []
