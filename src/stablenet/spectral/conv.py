@@ -407,7 +407,7 @@ def conv_spectral_norm_upper_bound(
     * ``"svd"``: the exact per-frequency eigenvalues of the circular operator (a float64 eigensolver is backward
       stable: its relative error, of order ``c * 2**-52``, is far below the slack);
     * ``"auto"``: for zero padding, the embedding (tighter and cheaper than the spatial Gram bound on every layer
-      we benchmarked); its circular norm by ``"cholesky"`` on CPU (3.8x faster than ``"svd"`` on ResNet-18,
+      we benchmarked); its circular norm by ``"cholesky"`` on CPU (4.5x faster than ``"svd"`` on ResNet-18,
       ``benchmarks/resnet18_bound.py``) and by the adaptive Gram iteration on other devices.
 
     The Gram and SVD values are multiplied by ``1 + GRAM_ROUNDING_SLACK``.

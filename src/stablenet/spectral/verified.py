@@ -25,8 +25,9 @@ Every floating-point step is bounded, with :math:`u = 2^{-53}` and :math:`\gamma
 
 * :math:`\hat G(\omega)` differs from :math:`G(\omega)` entrywise by at most
   :math:`2\gamma_m\,(\bar A^\top \bar A)` with :math:`\bar A = \sum_u |A_u|` and :math:`m = c_o + T + 2D + 128`
-  (a dot product of :math:`c_o` terms per GEMM entry, :math:`T` blocks summed per offset, :math:`D` offsets
-  in the DFT, phases accurate to :math:`64u`; the factor 2 covers the complex modulus). Since
+  (a dot product of :math:`c_o` terms per GEMM entry, :math:`T` blocks summed per offset, a complex dot product
+  of :math:`D` terms in the DFT, phases accurate to :math:`64u`; the factor 2 covers the complex modulus and
+  complex multiplication, Higham Lemma 3.5). Since
   :math:`\|E\|_2 \le \||E|\|_2 \le \|B\|_2` whenever :math:`|E| \le B`, the spectral error is at most
   :math:`e_G = 2\gamma_m \|\bar A\|_F^2`.
 * If ``cholesky_ex`` succeeds on :math:`\mathrm{fl}(sI - \hat G)`, the factor :math:`R` satisfies
@@ -126,6 +127,7 @@ class _Spectrum:
         h = _gram_kernel(taps, kh, kw)  # (g, D, c, c)
         self.groups, self.c, d = g, c, h.shape[1]
         self.flat = h.reshape(g, d, c * c)
+        self._flat_complex: Tensor | None = None
         freqs = _half_frequencies(size, kernel5.device)
         # Separable phases e^{i w1 d1} e^{i w2 d2}; j * d is reduced modulo N in integers first, so every angle lies
         # in [0, 2 pi) and each factor is accurate to 21 ulps, their product to 64 (Note [verified rounding]).
@@ -148,30 +150,26 @@ class _Spectrum:
         diag = self.flat[..., :: self.c + 1]  # (g, D, c)
         return (self.phase.real @ diag).reshape(len(self), self.c)
 
-    def gram(self, index: Tensor, negate: bool = False) -> Tensor:
-        """``(len(index), c, c)``: :math:`G` (or :math:`-G`) at the given matrix indices."""
+    def gram(self, index: Tensor, negate: bool = False, out: Tensor | None = None) -> Tensor:
+        r"""``(len(index), c, c)``: :math:`G` (or :math:`-G`) at the given matrix indices, written into ``out``.
+
+        One complex GEMM per group, :math:`(\pm\text{phases}) \times H` (negating the phases is exact); writing
+        into a reused ``out`` spares the page faults of a fresh buffer, which cost as much as the GEMM itself.
+        """
+        if out is None:
+            out = self.flat.new_empty(len(index), self.c, self.c, dtype=self.phase.dtype)
+        if self._flat_complex is None:
+            self._flat_complex = self.flat.to(self.phase.dtype)
         group, freq = index // self.n_freqs, index % self.n_freqs
-        phase = self.phase.neg() if negate else self.phase  # exact
-        if self.groups == 1:
-            return self._evaluate(phase[freq], self.flat[0])
-        out = self.flat.new_empty(len(index), self.c, self.c, dtype=phase.dtype)
+        phase = self.phase.neg() if negate else self.phase
         for g in group.unique().tolist():
             rows = (group == g).nonzero().squeeze(1)
-            out[rows] = self._evaluate(phase[freq[rows]], self.flat[g])
+            first, count = int(rows[0]), len(rows)
+            if int(rows[-1]) - first + 1 == count:  # contiguous rows (sorted indices): write in place
+                torch.mm(phase[freq[rows]], self._flat_complex[g], out=out[first : first + count].view(count, -1))
+            else:
+                out[rows] = (phase[freq[rows]] @ self._flat_complex[g]).view(count, self.c, self.c)
         return out
-
-    def _evaluate(self, phase: Tensor, flat: Tensor) -> Tensor:
-        n, d = phase.shape
-        if n >= 2 * d:
-            # One real GEMM writes the complex result in place: out[f, e, r] = sum_{delta, r'} phase[f, delta, r']
-            # M[delta, r', e, r] with M = h if r' == r else 0 (the zeros are exact and add no rounding).
-            expand = flat.new_zeros(d, 2, flat.shape[1], 2)
-            expand[:, 0, :, 0] = flat
-            expand[:, 1, :, 1] = flat
-            out = torch.view_as_real(phase).reshape(n, 2 * d) @ expand.reshape(2 * d, -1)
-            return torch.view_as_complex(out.reshape(n, self.c, self.c, 2))
-        # Few frequencies: the expanded operand would outweigh the output.
-        return torch.complex(phase.real @ flat, phase.imag @ flat).reshape(n, self.c, self.c)
 
 
 def gram_spectrum(kernel5: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -259,7 +257,7 @@ def cholesky_circular_bound(
     *,
     rtol: float = 1e-4,
     max_rounds: int = MAX_ROUNDS,
-    max_batch_bytes: int = 1 << 28,
+    max_batch_bytes: int = 1 << 25,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     r"""Certified upper bound on the circular convolution's norm on ``size`` pixels, within ``rtol`` of exact.
@@ -271,7 +269,8 @@ def cholesky_circular_bound(
         rtol: relative gap allowed above the exact norm (the level is :math:`(1 + 2\,\text{rtol})` times an
             estimate of a top eigenvalue).
         max_rounds: rounds of probing before the last unverified frequencies use the Gram iteration.
-        max_batch_bytes: memory for the matrices factorised at once (frequencies are processed in batches).
+        max_batch_bytes: memory for the matrices factorised at once (frequencies are processed in batches, in one
+            reused buffer).
         dtype: working precision: float64 for certificates; float32 only to test the rounding analysis, whose
             terms are then large enough to see.
 
@@ -297,7 +296,8 @@ def cholesky_circular_bound(
         spectrum = _Spectrum(kernel5.detach().to(dtype), size)
         diag = spectrum.diagonals()
         unit, c, grow = torch.finfo(dtype).eps / 2, spectrum.c, 1.0 + 2.0 * rtol
-        batch_len = max(1, max_batch_bytes // (c * c * 2 * diag.element_size()))
+        batch_len = max(1, min(len(spectrum), max_batch_bytes // (c * c * 2 * diag.element_size())))
+        buffer = diag.new_empty(batch_len, c, c, dtype=spectrum.phase.dtype)
         # The first level: the top eigenvalues of the frequencies with the largest traces (free to rank).
         first = max(FIRST_PROBES, min(64, (1 << 18) // (c * c)))  # small matrices: probing many is cheap
         top = diag.sum(dim=1).topk(min(first, len(spectrum))).indices
@@ -310,16 +310,16 @@ def cholesky_circular_bound(
                 # Note [shifted diagonal]: the off-diagonal entries are -G's; the diagonal is written as
                 # fl(level - g_ii) from `diag`, each within the Note's error bound, so every round factorises
                 # fl(level * I - G-hat) for one fixed G-hat.
-                shifted = gram.neg_() if gram is not None else spectrum.gram(index, negate=True)
+                shifted = gram.neg_() if gram is not None else spectrum.gram(index, True, buffer[: len(index)])
                 shifted.diagonal(dim1=-2, dim2=-1).copy_(level - diag[index])
                 failed.append(index[~_factorises(shifted)])
             pending = torch.cat(failed)
             if len(pending) == 0:
                 break
             # The failing frequencies (few) are ranked by short Lanczos runs; the best are probed by long ones.
-            gram = spectrum.gram(pending) if len(pending) <= batch_len else None
+            gram = spectrum.gram(pending, out=buffer[: len(pending)]) if len(pending) <= batch_len else None
             ranked = pending[:batch_len] if gram is None else pending
-            ranking = gram if gram is not None else spectrum.gram(ranked)
+            ranking = gram if gram is not None else spectrum.gram(ranked, out=buffer[: len(ranked)])
             top = _lanczos_top(ranking, RANK_STEPS).topk(min(probes, len(ranked))).indices
             level = max(level, float(_lanczos_top(ranking[top], PROBE_STEPS).max()) * grow)
             probes *= 2
