@@ -13,7 +13,7 @@ python3 - "$OUT/resnet18_cuda.json" <<'PY'
 import json, sys
 from stablenet.bench.spectral import resnet18_bound_time
 runs = {}
-for method in ("auto", "gram"):
+for method in ("auto", "gram", "cholesky"):
     resnet18_bound_time("cuda", method)  # warm-up
     results = [resnet18_bound_time("cuda", method) for _ in range(5)]
     results.sort(key=lambda r: r["total_ms"])
