@@ -9,14 +9,14 @@ and costs :math:`\tfrac{1}{3}c^3`. The level comes from cheap estimates:
 
 1. :math:`G(\omega) = \sum_\delta H_\delta e^{i\langle\omega,\delta\rangle}` with :math:`H_\delta =
    \sum_{u-v=\delta} A_u^\top A_v` the Gram kernel (:math:`A_u` the kernel's tap matrices): one set of real
-   GEMMs for all frequencies, then a small DFT by matrix product, for the frequencies of the half spectrum only
+   GEMMs for all frequencies, then a small DFT as one complex GEMM, for the frequencies of the half spectrum only
    (:math:`G(-\omega) = \overline{G(\omega)}` has the same eigenvalues). Any batch of :math:`G(\omega)` is
    recomputed from :math:`H` on demand, so only one batch is held at a time.
 2. The frequencies are ranked by :math:`\mathrm{tr}\,G(\omega)` (free), the best-ranked are probed by a long
    Lanczos run (a lower estimate of their top eigenvalue :math:`\theta`), and :math:`s = (1 + 2\,\text{rtol})
    \theta`. Every frequency is verified by ``cholesky_ex`` at :math:`s`.
-3. The frequencies that fail are probed in turn (twice as many each round), the level is raised, and only they
-   are factorised again.
+3. The frequencies that fail are ranked by short Lanczos runs and the best are probed (2, 4, 8 ... in successive
+   rounds), the level is raised, and only they are factorised again.
 
 The result is within ``rtol`` of the exact circular norm (plus rounding) and never below it.
 
