@@ -16,7 +16,7 @@ from stablenet.spectral import (
     power_iteration,
 )
 from stablenet.spectral.conv import conv_operator
-from stablenet.spectral.verified import _factorises
+from stablenet.spectral.verified import _factorises, _screen, _Spectrum
 
 RTOL = 1e-4
 
@@ -130,6 +130,48 @@ def test_misleading_trace_ranking_and_fallback_stay_sound():
 def test_zero_kernel_has_norm_zero():
     bound = float(cholesky_circular_bound(torch.zeros(1, 3, 4, 3, 3, dtype=torch.float64), (6, 6)))
     assert 0.0 <= bound <= 1e-150
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_precision_screen_passes_only_frequencies_below_the_level(seed):
+    """Note [single-precision screen]: at any level, a frequency the complex64 pass verifies has its exact top
+    eigenvalue below the level, including frequencies just below it (where complex64 rounding alone could pass
+    them); and the screen does verify most frequencies well below the level."""
+    gen = torch.Generator().manual_seed(seed)
+    kernel = torch.rand(1, 96, 80, 3, 3, dtype=torch.float64, generator=gen) - 0.45
+    spectrum = _Spectrum(kernel, (12, 12))
+    exact = torch.linalg.eigvalsh(spectrum.gram(torch.arange(len(spectrum))))[:, -1]
+    diag = spectrum.diagonals()
+    for level in (*exact.quantile(torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64)).tolist(), float(exact.max())):
+        for nudged in (level * (1 + 1e-7), level * 1.002):
+            failed = _screen(spectrum, diag, nudged, batch_len=7)
+            passed = torch.ones(len(spectrum), dtype=torch.bool)
+            passed[failed] = False
+            assert (exact[passed] <= nudged).all()
+    failed = _screen(spectrum, diag, float(exact.max()) * 1.05, batch_len=7)
+    assert len(failed) < len(spectrum) // 2
+
+
+def test_lowered_twin_error_bound_covers_its_rounding():
+    """The single-precision twin's e_G bounds its G's distance to the float64 G, frequency by frequency."""
+    gen = torch.Generator().manual_seed(8)
+    for kernel in (
+        torch.rand(1, 96, 80, 3, 3, dtype=torch.float64, generator=gen),
+        torch.randn(2, 9, 30, 5, 3, dtype=torch.float64, generator=gen),
+    ):
+        spectrum = _Spectrum(kernel, (10, 9))
+        index = torch.arange(len(spectrum))
+        low = spectrum.lowered()
+        diff = torch.linalg.matrix_norm(low.gram(index).to(torch.complex128) - spectrum.gram(index), 2)
+        per_group = diff.reshape(kernel.shape[0], -1).amax(dim=1)
+        assert (per_group <= low.err.double()).all() and (per_group >= 1e-5 * low.err.double()).all()
+
+
+def test_screen_does_not_change_the_bound():
+    kernel = torch.randn(1, 64, 48, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    with_screen = cholesky_circular_bound(kernel, (16, 16))
+    without = cholesky_circular_bound(kernel, (16, 16), screen=False)
+    assert torch.equal(with_screen, without)
 
 
 def test_small_batches_give_the_same_bound():

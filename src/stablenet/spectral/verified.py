@@ -46,6 +46,7 @@ pipeline in float32, where these terms are visible, against the float64 truth.
 
 from __future__ import annotations
 
+import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,6 +64,8 @@ RANK_STEPS = 8
 #: Frequencies (of the largest traces) whose top eigenvalue sets the first level, at least (up to 64 for small
 #: matrices); later rounds probe 2, 4, 8 ... of the failing frequencies, ranked by Lanczos.
 FIRST_PROBES = 4
+#: Largest channel count screened in single precision first (Note [single-precision screen]).
+SCREEN_MAX_CHANNELS = 128
 #: Rounds of (probe, raise, re-factorise) before the remaining frequencies fall back to the Gram iteration.
 MAX_ROUNDS = 24
 
@@ -140,7 +143,19 @@ class _Spectrum:
         self.n_freqs = len(freqs)
         unit = torch.finfo(kernel5.dtype).eps / 2
         abs_sum = taps.abs().sum(dim=1)  # (g, c_o, c): the entrywise bound A-bar of the Note
-        self.err = 2 * _gamma(c_o + kh * kw + 2 * d + 128, unit) * abs_sum.square().sum(dim=(-2, -1)) * (1 + 4 * unit)
+        self.abs_norm2 = abs_sum.square().sum(dim=(-2, -1)) * (1 + 4 * unit)  # ||A-bar||_F^2, rounded up
+        self.err = 2 * _gamma(c_o + kh * kw + 2 * d + 128, unit) * self.abs_norm2
+
+    def lowered(self) -> _Spectrum:
+        """A single-precision twin (Note [single-precision screen]): the same H and phases rounded to complex64,
+        with ``err`` bounding its G's distance to the exact G."""
+        twin = copy.copy(self)
+        twin.flat = self.flat.float()
+        twin._flat_complex = self.flat.to(torch.complex64)
+        twin.phase = self.phase.to(torch.complex64)
+        d = self.phase.shape[1]
+        twin.err = (2 * _gamma(2 * d + 128, 2.0**-24) * self.abs_norm2 + self.err).float() * (1 + 2.0**-20)
+        return twin
 
     def __len__(self) -> int:
         return self.groups * self.n_freqs
@@ -251,6 +266,36 @@ def _factorises(shifted: Tensor) -> Tensor:
         return torch.cat(list(pool.map(factorise, shifted.chunk(workers))))
 
 
+def _screen(spectrum: _Spectrum, diag: Tensor, level: float, batch_len: int) -> Tensor:
+    r"""Indices of the frequencies that the single-precision pass could not verify below ``level``.
+
+    # Note [single-precision screen]
+    A factorisation in complex64 costs about half of one in complex128. With the single-precision error terms
+    of Note [verified rounding] (:math:`u = 2^{-24}`; ``_Spectrum.lowered`` for :math:`e_G`), a success at
+    :math:`s' = s / (1 + 4u + 2c\tilde\gamma) - e_G` proves :math:`\lambda_{\max}(G) \le s`. The terms grow
+    like :math:`c^2`, so only small channel counts are screened; frequencies near the level fail the screen and
+    are verified in double precision as usual.
+    """
+    low = spectrum.lowered()
+    unit, c = 2.0**-24, spectrum.c
+    chol = _gamma(4 * (c + 1), unit)
+    screened_level = level / (1.0 + 4 * unit + 2 * c * chol / (1.0 - chol)) - float(low.err.max())
+    index_all = torch.arange(len(spectrum), device=diag.device)
+    if screened_level <= 0:
+        return index_all
+    buffer = diag.new_empty(min(batch_len * 2, len(spectrum)), c, c, dtype=torch.complex64)
+    level32 = torch.tensor(screened_level, dtype=torch.float32, device=diag.device).nextafter(
+        torch.tensor(0.0, device=diag.device)
+    )  # rounded down: the level actually factorised is at most screened_level
+    failed = []
+    for index in index_all.split(len(buffer)):
+        shifted = low.gram(index, True, buffer[: len(index)])
+        # fl32(level32 - fl32(g_ii)): the rounding of g_ii to single precision is within low.err
+        shifted.diagonal(dim1=-2, dim2=-1).copy_(level32 - diag[index].float())
+        failed.append(index[~_factorises(shifted)])
+    return torch.cat(failed)
+
+
 def cholesky_circular_bound(
     kernel5: Tensor,
     size: tuple[int, int],
@@ -259,6 +304,7 @@ def cholesky_circular_bound(
     max_rounds: int = MAX_ROUNDS,
     max_batch_bytes: int = 1 << 25,
     dtype: torch.dtype = torch.float64,
+    screen: bool = True,
 ) -> Tensor:
     r"""Certified upper bound on the circular convolution's norm on ``size`` pixels, within ``rtol`` of exact.
 
@@ -273,6 +319,8 @@ def cholesky_circular_bound(
             reused buffer).
         dtype: working precision: float64 for certificates; float32 only to test the rounding analysis, whose
             terms are then large enough to see.
+        screen: in float64 with at most ``SCREEN_MAX_CHANNELS`` channels, first verify every frequency in single
+            precision at a level lowered by the single-precision error terms (Note [single-precision screen]).
 
     Returns:
         A 0-dim float64 tensor :math:`\ge \max_\omega \sigma_1(\hat K(\omega))` computed in exact arithmetic
@@ -304,6 +352,8 @@ def cholesky_circular_bound(
         level = float(_lanczos_top(spectrum.gram(top), PROBE_STEPS).max()) * grow
         level = max(level, torch.finfo(dtype).tiny)  # an all-zero kernel: any positive level verifies
         pending, probes, gram = torch.arange(len(spectrum), device=diag.device), 2, None
+        if screen and dtype == torch.float64 and c <= SCREEN_MAX_CHANNELS:
+            pending = _screen(spectrum, diag, level, batch_len)
         for _ in range(max_rounds):
             failed = []
             for index in pending.split(batch_len):
