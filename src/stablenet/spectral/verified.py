@@ -14,7 +14,8 @@ and costs :math:`\tfrac{1}{3}c^3`. The level comes from cheap estimates:
    recomputed from :math:`H` on demand, so only one batch is held at a time.
 2. The frequencies are ranked by :math:`\mathrm{tr}\,G(\omega)` (free), the best-ranked are probed by a long
    Lanczos run (a lower estimate of their top eigenvalue :math:`\theta`), and :math:`s = (1 + 2\,\text{rtol})
-   \theta`. Every frequency is verified by ``cholesky_ex`` at :math:`s`.
+   \theta`. Every frequency is verified by ``cholesky_ex`` at :math:`s` (with at most 128 channels, first in
+   complex64 at a level lowered by the single-precision error terms: Note [single-precision screen]).
 3. The frequencies that fail are ranked by short Lanczos runs and the best are probed (2, 4, 8 ... in successive
    rounds), the level is raised, and only they are factorised again.
 
