@@ -463,13 +463,16 @@ def _bench_suite(suite: str):
     if suite == "smoothing":
         from stablenet.bench.smoothing import bench_smoothing
 
-        header = f"{'model':12s} {'n':>8s} {'batch':>6s} {'samples/s':>12s} {'plain/s':>12s} {'ratio':>7s}"
+        header = (
+            f"{'model':12s} {'n':>8s} {'batch':>6s} {'samples/s':>12s} {'plain/s':>12s} {'ratio':>7s} "
+            f"{'noise bound':>11s}"
+        )
         return (
             bench_smoothing,
             header,
             lambda r: (
                 f"{r['model']:12s} {r['n']:8d} {r['batch_size']:6d} {r['samples_per_s']:12.4g} "
-                f"{r['plain_samples_per_s']:12.4g} {r['ratio']:7.3f}"
+                f"{r['plain_samples_per_s']:12.4g} {r['ratio']:7.3f} {r['noise_bound']:11.3f}"
             ),
         )
     if suite == "curvature":

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from stablenet.bench import smoothing
 from stablenet.bench.smoothing import SmoothingCase, bench_smoothing, cifar_cnn, default_cases, mnist_mlp
@@ -27,6 +28,28 @@ def test_rows_have_the_fields():
         assert row["ratio"] == pytest.approx(row["samples_per_s"] / row["plain_samples_per_s"])
         assert row["device"] == "cpu"
     assert rows[1]["images_per_batch"] == 10  # several images share a batch
+
+
+def test_noise_bound_draws_what_the_loop_draws(monkeypatch):
+    """The noise-only timing draws as many noise images as the certification loop does."""
+    from stablenet.smoothing.sampling import class_counts, make_generator
+
+    case = _tiny_cases()[1]
+    row = bench_smoothing(device="cpu", repeats=1, cases=[case])[0]
+    assert row["noise_bound"] == pytest.approx(row["plain_time_ms"] / (row["plain_time_ms"] + row["noise_time_ms"]))
+    assert 0 < row["noise_bound"] <= 1
+    drawn = []
+    original = torch.randn
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        drawn.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(torch, "randn", spy)
+    x = torch.rand(case.n_images, *case.input_shape)
+    class_counts(case.make_model().eval(), x, case.n, 0.5, 10, case.batch_size, make_generator(0, torch.device("cpu")))
+    assert sum(drawn) == row["noise_images"]
 
 
 def test_default_cases_match_the_issue():

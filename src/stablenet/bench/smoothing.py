@@ -17,9 +17,12 @@ Cases:
   published cost of about 15 s per image on a GTX 1080 Ti.
 
 One JSON row per case: ``model, n, batch_size, samples_per_s, plain_samples_per_s, ratio, device`` (plus
-``n_images``, ``images_per_s``, ``images_per_batch``, ``time_ms``, ``plain_time_ms``, ``repeats``). Times are medians of
-``repeats`` runs after one warm-up, the two measurements alternating, with ``torch.cuda.synchronize`` around
-each on a GPU. Weights are random with a fixed seed (throughput does not depend on training).
+``n_images``, ``images_per_s``, ``images_per_batch``, ``time_ms``, ``plain_time_ms``, ``repeats``). Also
+``noise_time_ms``, the time to draw just the loop's noise (``noise_images`` noise images), and ``noise_bound``
+= plain / (plain + noise): about the highest ratio the loop could reach if adding, counting and the Python loop
+were free (itself a timing, so it carries the same few percent of noise). Times are medians of ``repeats`` runs
+after one warm-up, the three measurements alternating, with ``torch.cuda.synchronize`` around each on a GPU.
+Weights are random with a fixed seed (throughput does not depend on training).
 """
 
 from __future__ import annotations
@@ -147,7 +150,21 @@ def _run_case(case: SmoothingCase, device: torch.device, repeats: int, seed: int
         for _ in range(n_batches):
             model(plain_batch)
 
-    t_loop, t_plain = _median_seconds([certify_loop, plain_forward], repeats, device)
+    # The noise the loop must draw (Note [noise layout] in stablenet.smoothing.sampling: one draw of reps noise
+    # images per batch, shared by the batch's images): its time bounds the ratio the loop can reach.
+    per_batch = max(1, min(case.n_images, case.batch_size // case.n)) if case.n < case.batch_size else 1
+    draws = []
+    for start in range(0, case.n_images, per_batch):
+        group, remaining = min(per_batch, case.n_images - start), case.n
+        while remaining > 0:
+            draws.append(min(remaining, max(1, case.batch_size // group)))
+            remaining -= draws[-1]
+
+    def draw_noise() -> None:
+        for reps in draws:
+            torch.randn((1, reps, *case.input_shape), generator=noise_gen, device=device)
+
+    t_loop, t_plain, t_noise = _median_seconds([certify_loop, plain_forward, draw_noise], repeats, device)
     samples_per_s = total / t_loop
     plain_samples_per_s = n_batches * case.batch_size / t_plain
     images_per_batch = max(1, min(case.n_images, case.batch_size // case.n)) if case.n < case.batch_size else 1
@@ -164,6 +181,9 @@ def _run_case(case: SmoothingCase, device: torch.device, repeats: int, seed: int
         "images_per_batch": images_per_batch,
         "time_ms": t_loop * 1e3,
         "plain_time_ms": t_plain * 1e3,
+        "noise_time_ms": t_noise * 1e3,
+        "noise_images": sum(draws),
+        "noise_bound": t_plain / (t_plain + t_noise),
         "repeats": repeats,
     }
 
