@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stablenet.smoothing.sampling import class_counts, make_generator
+from stablenet.smoothing.sampling import batch_plan, class_counts, make_generator
 
 __all__ = ["SmoothingCase", "bench_smoothing", "cifar_cnn", "default_cases", "mnist_mlp", "resnet110"]
 
@@ -150,24 +150,17 @@ def _run_case(case: SmoothingCase, device: torch.device, repeats: int, seed: int
         for _ in range(n_batches):
             model(plain_batch)
 
-    # The noise the loop must draw (Note [noise layout] in stablenet.smoothing.sampling: one draw of reps noise
-    # images per batch, shared by the batch's images): its time bounds the ratio the loop can reach.
-    per_batch = max(1, min(case.n_images, case.batch_size // case.n)) if case.n < case.batch_size else 1
-    draws = []
-    for start in range(0, case.n_images, per_batch):
-        group, remaining = min(per_batch, case.n_images - start), case.n
-        while remaining > 0:
-            draws.append(min(remaining, max(1, case.batch_size // group)))
-            remaining -= draws[-1]
+    # The noise the loop must draw: one draw of reps noise images per forward pass (Note [noise layout]).
+    plan = batch_plan(case.n_images, case.n, case.batch_size)
 
     def draw_noise() -> None:
-        for reps in draws:
+        for _, _, reps in plan:
             torch.randn((1, reps, *case.input_shape), generator=noise_gen, device=device)
 
     t_loop, t_plain, t_noise = _median_seconds([certify_loop, plain_forward, draw_noise], repeats, device)
     samples_per_s = total / t_loop
     plain_samples_per_s = n_batches * case.batch_size / t_plain
-    images_per_batch = max(1, min(case.n_images, case.batch_size // case.n)) if case.n < case.batch_size else 1
+    images_per_batch = plan[0][1]
     return {
         "model": case.name,
         "n": case.n,
@@ -182,7 +175,7 @@ def _run_case(case: SmoothingCase, device: torch.device, repeats: int, seed: int
         "time_ms": t_loop * 1e3,
         "plain_time_ms": t_plain * 1e3,
         "noise_time_ms": t_noise * 1e3,
-        "noise_images": sum(draws),
+        "noise_images": sum(reps for _, _, reps in plan),
         "noise_bound": t_plain / (t_plain + t_noise),
         "repeats": repeats,
     }

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["class_counts", "make_generator", "mean_and_variance", "noisy_outputs"]
+__all__ = ["batch_plan", "class_counts", "make_generator", "mean_and_variance", "noisy_outputs"]
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
@@ -43,6 +43,20 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
     return g
 
 
+def batch_plan(n_img: int, num: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """``(start, g, reps)`` per forward pass of :func:`noisy_outputs`: images ``start:start+g`` with ``reps`` noise
+    draws each (Note [noise layout]); ``g * reps <= batch_size`` unless one image already needs more."""
+    per_batch = max(1, min(n_img, batch_size // num)) if num < batch_size else 1
+    plan = []
+    for start in range(0, n_img, per_batch):
+        g, remaining = min(per_batch, n_img - start), num
+        while remaining > 0:
+            reps = min(remaining, max(1, batch_size // g))
+            plan.append((start, g, reps))
+            remaining -= reps
+    return plan
+
+
 def noisy_outputs(
     model: nn.Module, x: Tensor, num: int, sigma: float, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -55,25 +69,19 @@ def noisy_outputs(
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0; got {sigma}")
     device = x.device
-    n_img = len(x)
-    per_batch = max(1, min(n_img, batch_size // num)) if num < batch_size else 1
-    for start in range(0, n_img, per_batch):
-        group = x[start : start + per_batch]
-        g = len(group)
-        remaining, index = num, None
-        while remaining > 0:
-            reps = min(remaining, max(1, batch_size // g))
-            # Note [noise layout]: the images of a batch share its reps noise draws. Each image still gets
-            # i.i.d. N(0, sigma^2 I) samples, fresh for every call, which is all a per-image certificate
-            # needs; drawing the noise once per batch instead of once per image divides the RNG cost by g.
-            noise = torch.randn((1, reps, *group.shape[1:]), generator=generator, device=device, dtype=group.dtype)
-            # A Python-scalar alpha: a tensor sigma would be a host-to-device copy, a sync, in every batch.
-            batch = torch.add(group.unsqueeze(1), noise, alpha=sigma).view(g * reps, *group.shape[1:])
-            logits = model(batch)
-            if index is None or len(index) != g * reps:
-                index = torch.arange(start, start + g, device=device).repeat_interleave(reps)
-            yield index, logits
-            remaining -= reps
+    index, index_key = None, None
+    for start, g, reps in batch_plan(len(x), num, batch_size):
+        group = x[start : start + g]
+        # Note [noise layout]: the images of a batch share its reps noise draws. Each image still gets
+        # i.i.d. N(0, sigma^2 I) samples, fresh for every call, which is all a per-image certificate
+        # needs; drawing the noise once per batch instead of once per image divides the RNG cost by g.
+        noise = torch.randn((1, reps, *group.shape[1:]), generator=generator, device=device, dtype=group.dtype)
+        # A Python-scalar alpha: a tensor sigma would be a host-to-device copy, a sync, in every batch.
+        batch = torch.add(group.unsqueeze(1), noise, alpha=sigma).view(g * reps, *group.shape[1:])
+        logits = model(batch)
+        if index_key != (start, g, reps):  # rebuilt only when the rows change (host-side check: no sync)
+            index, index_key = torch.arange(start, start + g, device=device).repeat_interleave(reps), (start, g, reps)
+        yield index, logits
 
 
 @torch.no_grad()
