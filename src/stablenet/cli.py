@@ -119,8 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (holding model.safetensors)")
     p.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (default 1)")
     p.add_argument("--method", default="lanczos", help="eigenvalue method: lanczos or power (default lanczos)")
-    p.add_argument("--tol", type=float, default=1e-3, help="relative change that stops the eigensolver (1e-3)")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative error estimate that stops the eigensolver (1e-3)")
     p.add_argument("--max-iter", type=int, default=100, help="eigensolver products at most (default 100)")
+    p.add_argument(
+        "--start", default="gradient", help="eigensolver start: gradient (plus a random vector; default) or random"
+    )
     p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson, Rademacher)")
     p.add_argument("--trace-samples", type=int, default=100, help="Hutchinson samples (default 100)")
     p.add_argument("--density", action="store_true", help="also estimate the spectral density (SLQ)")
@@ -341,15 +344,23 @@ def _run_test_subset(
     return model, meta, [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
+def _curvature_label(row: dict) -> str:
+    """A curvature row's method or backend, with its eigensolver start where it has one."""
+    label = row.get("method") or row.get("backend") or "-"
+    return f"{label}/{row['start']}" if "start" in row else label
+
+
 def _hessian(args: argparse.Namespace) -> int:
     import torch
     from torch.nn import functional
 
-    from stablenet.curvature.hessian import Hessian
+    from stablenet.curvature.hessian import STARTS, Hessian
     from stablenet.io import atomic_write_json
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1; got {args.top_k}")
+    if args.start not in STARTS:
+        raise ValueError(f"--start must be one of {', '.join(STARTS)}; got {args.start!r}")
     if args.trace and args.trace_samples < 2:
         raise ValueError(f"--trace-samples must be >= 2 (for a standard error); got {args.trace_samples}")
     if args.density and (args.density_runs < 1 or args.density_steps < 1):
@@ -362,7 +373,7 @@ def _hessian(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     values, _ = hessian.eigenvalues(
-        k=args.top_k, method=args.method, max_iter=args.max_iter, tol=args.tol, generator=generator
+        k=args.top_k, method=args.method, max_iter=args.max_iter, tol=args.tol, generator=generator, start=args.start
     )
     top = [float(v) for v in values]
     record: dict[str, Any] = {
@@ -375,6 +386,7 @@ def _hessian(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "method": args.method,
         "tol": args.tol,
+        "start": args.start,
         "top_eigenvalues": top,
         "eigen_num_hvp": hessian.last_num_hvp,
         "eigen_converged": bool(getattr(hessian.last_result, "converged", True)),
@@ -483,7 +495,7 @@ def _bench_suite(suite: str):
             bench_curvature,
             header,
             lambda r: (
-                f"{r['benchmark']:16s} {r.get('method') or r.get('backend') or '-':20s} {r['model']:7s} "
+                f"{r['benchmark']:16s} {_curvature_label(r):20s} {r['model']:7s} "
                 f"{r['value']:12.6g} {r['time_ms']:11.2f} {r['ratio_or_gradient_equivalents']:14.3f}"
             ),
         )

@@ -323,6 +323,50 @@ def test_parameters_outside_the_model_and_frozen_ones():
     assert Hessian(model, F.cross_entropy, (x, y)).dim == 8 * 3 + 3
 
 
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+@pytest.mark.parametrize("start", ["gradient", "random"])
+def test_eigenvalues_from_either_start_match_the_explicit_hessian(method, start):
+    model = mlp(nn.Tanh)
+    x, y = classification(16)
+    expected = torch.linalg.eigvalsh(explicit_hessian(model, F.cross_entropy, [(x, y)])).flip(0)
+    h = Hessian(model, F.cross_entropy, (x, y))
+    values, _ = h.eigenvalues(k=1, method=method, tol=1e-10, max_iter=500, start=start, generator=gen(0))
+    torch.testing.assert_close(values, expected[:1], rtol=1e-6, atol=0)
+
+
+def test_gradient_start_needs_fewer_products_on_a_network():
+    """Note [gradient start]: summed over seeds, a tiny conv net's top eigenvalue at tol 1e-3 takes fewer
+    products from the gradient (plus a random vector) than from a random vector alone."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 2))
+    net = net.double()
+    x, y = images(64)
+    counts = {}
+    for start in ("gradient", "random"):
+        h = Hessian(net, F.cross_entropy, (x, y))
+        counts[start] = 0
+        for seed in range(4):
+            h.eigenvalues(k=1, tol=1e-3, start=start, generator=gen(seed))
+            counts[start] += h.last_num_hvp
+    assert counts["gradient"] < counts["random"]
+
+
+def test_gradient_start_falls_back_to_random_where_the_gradient_vanishes():
+    """At a stationary point the gradient is zero; the start is then the random vector alone."""
+    model = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    x = torch.randn(10, 3, generator=gen(0), dtype=torch.float64)
+
+    def loss_fn(out, target):  # mean (w.x)^2 / 2 has zero gradient at w = 0 and Hessian X^T X / n
+        return 0.5 * (out.squeeze(1) ** 2).mean()
+
+    h = Hessian(model, loss_fn, (x, torch.zeros(10)))
+    values, _ = h.eigenvalues(k=1, tol=1e-12, start="gradient", generator=gen(1))
+    expected = torch.linalg.eigvalsh(x.T @ x / 10)[-1]
+    torch.testing.assert_close(values[0], expected, rtol=1e-10, atol=0)
+
+
 def one_line(call, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
         call()
@@ -348,6 +392,7 @@ def test_bad_inputs_raise_one_line_errors():
         (lambda: Hessian(model, loss, (x, y), params=[model[0].weight] * 2), r"a parameter appears twice"),
         (lambda: h.eigenvalues(method="arnoldi"), r"method must be one of 'lanczos', 'power'; got 'arnoldi'"),
         (lambda: h.eigenvalues(k=0), r"k must be between 1 and the dimension 75; got 0"),
+        (lambda: h.eigenvalues(start="ones"), r"start must be one of 'gradient', 'random'; got 'ones'"),
         (lambda: h.trace(num_samples=1), r"num_samples must be >= 2 to give a standard error; got 1"),
         (lambda: h.hvp(torch.ones(3)), r"v must be a flat vector of 75 entries or tensors shaped"),
         (lambda: Hessian(model, loss, (x, y), wrt="inputs").eigenvalues(per_group=True), r"per-group .* wrt='params'"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stablenet.curvature.lanczos import (
+    _lanczos_steps,
     gaussian_density,
     lanczos_eigsh,
     lanczos_quadrature,
@@ -122,6 +123,48 @@ def test_lanczos_eigsh_stops_early_with_loose_tol():
     # Too few steps: not converged, and the Ritz value is below the eigenvalue (interlacing).
     short = lanczos_eigsh(lambda v: a @ v, n, 1, max_iter=2, tol=1e-14, generator=torch.Generator().manual_seed(1))
     assert not short.converged and short.eigenvalues[0] < 50.0
+
+
+def test_residual_rule_stops_before_the_change_rule_and_within_tol():
+    """Note [residual stopping rule]: on a separated top eigenvalue the residual estimate settles a step (or more)
+    before consecutive Ritz values agree, and the value it stops at is within tol of the eigenvalue."""
+    n, tol = 300, 1e-6
+    lam = torch.cat([torch.tensor([40.0]), torch.rand(n - 1, generator=torch.Generator().manual_seed(0)) * 10])
+    a = symmetric(lam.double())
+    v0 = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    result = lanczos_eigsh(lambda v: a @ v, n, 1, max_iter=n, tol=tol, v0=v0)
+    # The change rule alone, replayed on the same process.
+    previous, change_steps = None, None
+    for alpha, beta, *_ in _lanczos_steps(lambda v: a @ v, v0, n, reorthogonalize=True, restart=True, generator=None):
+        theta = tridiagonal_eigh(alpha, beta)[0][-1]
+        if previous is not None and abs(theta - previous) <= tol * abs(theta):
+            change_steps = alpha.numel()
+            break
+        previous = theta
+    assert result.converged and result.num_matvec < change_steps
+    assert 0 <= 40.0 - result.eigenvalues[0].item() <= tol * 40.0
+
+
+def test_breakdown_does_not_stop_on_a_vanishing_residual():
+    """A start vector that is an eigenvector (of the smaller eigenvalue) gives residual 0 at the first step: an
+    invariant subspace, not the top of the spectrum. The solver must go on (restart) and find the larger one."""
+    a = torch.diag(torch.tensor([1.0, 10.0, 2.0, 3.0], dtype=torch.float64))
+    v0 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    result = lanczos_eigsh(
+        lambda v: a @ v, 4, 1, max_iter=4, tol=1e-3, v0=v0, generator=torch.Generator().manual_seed(0)
+    )
+    assert result.eigenvalues[0].item() == pytest.approx(10.0, rel=1e-3)
+
+
+def test_power_eigsh_starts_from_v0():
+    lam = torch.tensor([5.0, 2.0, 1.0, -1.0], dtype=torch.float64)
+    a = symmetric(lam)
+    top = torch.linalg.eigh(a).eigenvectors[:, -1]
+    result = power_eigsh(lambda v: a @ v, 4, 1, max_iter=50, tol=1e-10, v0=3.0 * top)
+    assert result.num_matvec == 1 and result.eigenvalues[0].item() == pytest.approx(5.0, rel=1e-12)
+    for bad in (torch.zeros(4), torch.ones(3), torch.tensor([1.0, float("nan"), 0.0, 0.0])):
+        with pytest.raises(ValueError, match="v0 must be a finite, nonzero vector of 4 entries"):
+            power_eigsh(lambda v: a @ v, 4, 1, v0=bad)
 
 
 def test_power_eigsh_with_deflation_on_separated_spectrum():

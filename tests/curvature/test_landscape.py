@@ -450,6 +450,7 @@ def test_cli_hessian_writes_json(tiny_run, tmp_path, capsys):
     assert len(values) == 2 and values[0] >= values[1]
     assert f"{values[0]:.6g}" in printed and str(path) in printed
     assert record["num_examples"] == 64 and record["dataset"] == "digits" and record["eigen_num_hvp"] > 0
+    assert record["start"] == "gradient"
     # The same operator built by hand (cross-entropy, first 64 test images, eval mode, same seed) gives the
     # same eigenvalues: the command wires model, data and loss as documented.
     from stablenet.data import load_dataset
@@ -470,7 +471,12 @@ def test_cli_hessian_writes_json(tiny_run, tmp_path, capsys):
 
 def test_cli_hessian_bad_input_exits_2(tiny_run, tmp_path, capsys):
     pytest.importorskip("stablenet.curvature.hessian")
-    argv = ["hessian", "--run", str(tiny_run), "--top-k", "0", "--json", str(tmp_path / "h.json")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--top-k must be >= 1; got 0" in err
+    base = ["hessian", "--run", str(tiny_run), "--json", str(tmp_path / "h.json")]
+    cases = [
+        (["--top-k", "0"], "--top-k must be >= 1; got 0"),
+        (["--start", "ones"], "--start must be one of gradient, random; got 'ones'"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err

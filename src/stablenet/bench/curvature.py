@@ -16,22 +16,24 @@ device``, plus extras named below):
   ``forward_over_reverse``): ``value`` = ``ratio_or_gradient_equivalents`` = :math:`t_{Hv} / t_{\nabla}`, the
   median time of one Hessian-vector product over the median time of one gradient, same batch (target
   :math:`\le 2.5`); ``time_ms`` is :math:`t_{Hv}`, ``grad_time_ms`` is :math:`t_{\nabla}`.
-* ``top_eigenvalue`` (``method`` = ``lanczos`` and ``power``): ``value`` is :math:`\lambda_{\max}` from
-  ``Hessian.eigenvalues(k=1, tol=1e-3)``; ``time_ms`` its wall time; ``ratio_or_gradient_equivalents`` =
-  ``time_ms`` / :math:`t_{\nabla}`, the cost in gradient-equivalents. Extras: ``num_hvp`` and
+* ``top_eigenvalue`` (``method`` = ``lanczos`` and ``power`` with ``start`` = ``gradient``, the default, then
+  ``lanczos`` with ``start`` = ``random``, PyHessian's start, for comparison): ``value`` is :math:`\lambda_{\max}`
+  from ``Hessian.eigenvalues(k=1, tol=1e-3, start=...)``; ``time_ms`` its wall time (median of ``repeats``, at most
+  3); ``ratio_or_gradient_equivalents`` its cost in gradient-equivalents, the median over the repeats of its time
+  over the gradients timed just before it (Note [interleaved gradient timing]). Extras: ``num_hvp`` and
   ``hvp_equivalents`` = ``num_hvp`` × :math:`t_{Hv}/t_{\nabla}` (the same cost predicted from the product
   count; the difference is solver overhead), ``converged``, ``reference`` (Lanczos to ``tol=1e-8``, untimed)
   and ``relative_error`` against it. The power row also has ``relative_difference``
   :math:`|\lambda_{\text{power}} - \lambda_{\text{lanczos}}| / |\lambda_{\text{lanczos}}|` and ``agrees``
-  (:math:`\le 10^{-3}`). Both methods start from the same random vector.
+  (:math:`\le 10^{-3}`). All three draw their random vector from the same seed.
 * ``landscape_2d``: a 21×21 filter-normalised slice (:func:`stablenet.curvature.landscape.landscape_2d`) on
   1000 images (random, or the first MNIST test images), of the registry's ``lipconvnet`` with its defaults
   (AOL convolutions, width 16, dense 256; the row's ``model``). ``value`` is the loss at the grid point nearest
   the origin, ``time_ms`` the wall time (target under 2 minutes on a CPU), ``ratio_or_gradient_equivalents`` =
   ``time_ms`` / :math:`t_{\nabla}` (the gradient on the batch of 256).
 
-Times are medians of ``repeats`` runs after one warm-up for the product and the gradient, single runs for
-the eigensolvers and the landscape, with ``torch.cuda.synchronize`` around each on a GPU.
+Times are medians of ``repeats`` runs after one warm-up for the product and the gradient, of at most 3 for the
+eigensolvers, a single run for the landscape, with ``torch.cuda.synchronize`` around each on a GPU.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = ["DATA_SOURCES", "CurvatureSizes", "bench_curvature", "default_sizes"]
 _HVP_TARGET = 2.5
 _LANDSCAPE_TARGET_S = 120.0
 _AGREEMENT = 1e-3
+_SOLVE_REPEATS = 3
 _REFERENCE_TOL = 1e-8
 
 
@@ -114,6 +117,25 @@ def _medians(fns: list[Callable[[], object]], repeats: int, device: torch.device
         for fn, ts in zip(fns, times, strict=True):
             ts.append(_wall(fn, device)[1])
     return [statistics.median(ts) for ts in times]
+
+
+def _solve_cost(
+    solve: Callable[[], object], gradient: Callable[[], object], repeats: int, device: torch.device
+) -> tuple[object, float, float]:
+    """``(result, median seconds, median gradient-equivalents)`` of a seeded solve (the same work every time).
+
+    Note [interleaved gradient timing]: each solve is timed right after three gradients, and its cost in
+    gradient-equivalents is its time over the median of those three. On a shared machine whose speed drifts
+    over seconds, a ratio of neighbouring timings is steadier than one against a gradient timed minutes apart.
+    """
+    times, ratios = [], []
+    result = None
+    for _ in range(repeats):
+        t_grad = statistics.median(_wall(gradient, device)[1] for _ in range(3))
+        result, seconds = _wall(solve, device)
+        times.append(seconds)
+        ratios.append(seconds / t_grad)
+    return result, statistics.median(times), statistics.median(ratios)
 
 
 def _data(n: int, size: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -198,7 +220,8 @@ def bench_curvature(
     def emit(row: dict) -> None:
         rows.append(row)
         if progress is not None:
-            extra = f" ({row.get('method') or row.get('backend')})" if "method" in row or "backend" in row else ""
+            label = "/".join(str(row[key]) for key in ("method", "start", "backend") if key in row)
+            extra = f" ({label})" if label else ""
             progress(
                 f"{row['benchmark']}{extra}: value {row['value']:.6g}, {row['time_ms']:.1f} ms, "
                 f"{row['ratio_or_gradient_equivalents']:.3f} (ratio or gradient-equivalents)"
@@ -232,21 +255,26 @@ def bench_curvature(
     reference, _ = hessian.eigenvalues(k=1, tol=_REFERENCE_TOL, max_iter=sizes.max_iter, generator=_seeded(seed + 1))
     reference_value, reference_hvp = float(reference[0]), hessian.last_num_hvp
     values = {}
-    for method in ("lanczos", "power"):
-        (eigenvalues, _), seconds = _wall(
-            lambda method=method: hessian.eigenvalues(
-                k=1, method=method, tol=sizes.tol, max_iter=sizes.max_iter, generator=_seeded(seed + 1)
+    solve_repeats = min(repeats, _SOLVE_REPEATS)
+    for method, start in (("lanczos", "gradient"), ("power", "gradient"), ("lanczos", "random")):
+        (eigenvalues, _), seconds, equivalents = _solve_cost(
+            lambda method=method, start=start: hessian.eigenvalues(
+                k=1, method=method, tol=sizes.tol, max_iter=sizes.max_iter, generator=_seeded(seed + 1), start=start
             ),
+            hessian.gradient,
+            solve_repeats,
             device,
         )
-        values[method] = float(eigenvalues[0])
+        values[method, start] = float(eigenvalues[0])
         row = {
             "benchmark": "top_eigenvalue",
             "method": method,
+            "start": start,
             **common,
-            "value": values[method],
+            "value": values[method, start],
             "time_ms": seconds * 1e3,
-            "ratio_or_gradient_equivalents": seconds / t_grad,
+            "ratio_or_gradient_equivalents": equivalents,
+            "repeats": solve_repeats,
             "num_hvp": hessian.last_num_hvp,
             "hvp_equivalents": hessian.last_num_hvp * ratio,
             "converged": bool(getattr(hessian.last_result, "converged", True)),
@@ -254,10 +282,11 @@ def bench_curvature(
             "batch_size": sizes.batch_size,
             "reference": reference_value,
             "reference_num_hvp": reference_hvp,
-            "relative_error": abs(values[method] - reference_value) / max(abs(reference_value), 1e-30),
+            "relative_error": abs(values[method, start] - reference_value) / max(abs(reference_value), 1e-30),
         }
         if method == "power":
-            diff = abs(values["power"] - values["lanczos"]) / max(abs(values["lanczos"]), 1e-30)
+            lanczos = values["lanczos", "gradient"]
+            diff = abs(values[method, start] - lanczos) / max(abs(lanczos), 1e-30)
             row["relative_difference"] = diff
             row["agrees"] = diff <= _AGREEMENT
         emit(row)

@@ -34,7 +34,7 @@ from stablenet.curvature.lanczos import (
     stochastic_lanczos_quadrature,
 )
 
-__all__ = ["BACKENDS", "METHODS", "WRT", "Hessian"]
+__all__ = ["BACKENDS", "METHODS", "STARTS", "WRT", "Hessian"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ WRT = ("params", "inputs")
 METHODS = ("lanczos", "power")
 #: Accepted ways to compute a Hessian-vector product (see :class:`Hessian`).
 BACKENDS = ("double_backward", "forward_over_reverse")
+#: Accepted starting vectors of the eigensolvers (see :meth:`Hessian.eigenvalues`).
+STARTS = ("gradient", "random")
 
 _Batch = tuple[Any, Any]
 
@@ -324,11 +326,16 @@ class Hessian:
         return list(params)
 
     def _batch_grad(self, params: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
-        variables = self._variables(params, inputs)
-        if self.wrt == "inputs":
-            inputs = variables[0]
-        grads = torch.autograd.grad(self._loss(inputs, targets), variables, allow_unused=True)
-        return _flatten([torch.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)])
+        if self._graph_cache is not None:  # inside a solve: the products will need this graph anyway
+            variables, grads = self._graph(params, inputs, targets)
+        else:
+            variables = self._variables(params, inputs)
+            if self.wrt == "inputs":
+                inputs = variables[0]
+            grads = torch.autograd.grad(self._loss(inputs, targets), variables, allow_unused=True)
+        return _flatten(
+            [torch.zeros_like(v) if g is None else g.detach() for g, v in zip(grads, variables, strict=True)]
+        )
 
     @contextlib.contextmanager
     def _cached_graphs(self) -> Iterator[None]:
@@ -340,23 +347,28 @@ class Hessian:
         finally:
             self._graph_cache = None
 
-    def _batch_hvp(self, params: Sequence[Tensor], vs: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
-        if self.backend == "forward_over_reverse":
-            return self._batch_hvp_func(params, vs, inputs, targets)
+    def _graph(self, params: Sequence[Tensor], inputs: Any, targets: Any) -> tuple[list[Tensor], tuple]:
+        """The variables and the gradient with its graph (``create_graph``), from the cache when it holds them."""
         # Note [graph reuse]: H v = d/dθ <∇L(θ), v> differentiates the gradient's graph, which does not depend on v.
         # Within one eigensolve, trace or density on a single batch (self._graph_cache set), the gradient and its
         # graph are built once and kept (retain_graph); each further product is one backward pass through it.
         cache = self._graph_cache
         key = tuple(id(p) for p in params)
         if cache is not None and key in cache:
-            variables, grads = cache[key]
-        else:
-            variables = self._variables(params, inputs)
-            if self.wrt == "inputs":
-                inputs = variables[0]
-            grads = torch.autograd.grad(self._loss(inputs, targets), variables, create_graph=True, allow_unused=True)
-            if cache is not None:
-                cache[key] = (variables, grads)
+            return cache[key]
+        variables = self._variables(params, inputs)
+        if self.wrt == "inputs":
+            inputs = variables[0]
+        grads = torch.autograd.grad(self._loss(inputs, targets), variables, create_graph=True, allow_unused=True)
+        if cache is not None:
+            cache[key] = (variables, grads)
+        return variables, grads
+
+    def _batch_hvp(self, params: Sequence[Tensor], vs: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
+        if self.backend == "forward_over_reverse":
+            return self._batch_hvp_func(params, vs, inputs, targets)
+        cache = self._graph_cache
+        variables, grads = self._graph(params, inputs, targets)
         pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
         if not pairs:  # the gradient does not depend on the variables: H = 0
             return torch.zeros(sum(v.numel() for v in variables), dtype=self._dtype, device=self._device)
@@ -424,6 +436,28 @@ class Hessian:
     def _spaces(self, per_group: bool) -> dict[str, list[Tensor]]:
         return self.groups if per_group else {"all": self._space}
 
+    def _start_vector(self, space: Sequence[Tensor], start: str, generator: torch.Generator | None) -> Tensor:
+        r"""An eigensolver's starting vector: random, or the unit gradient plus a unit random vector.
+
+        Note [gradient start]: the gradient of a network's loss lies mostly in the span of the Hessian's top
+        eigenvectors (Gur-Ari, Roberts and Dyer, "Gradient descent happens in a tiny subspace", 2018), while a
+        random vector in :math:`n` dimensions has a component of only about :math:`1/\sqrt n` along any of
+        them: Krylov methods started from the gradient reach the top eigenvalues in fewer products. The random
+        half keeps a component along every eigenvector (with probability 1), so no eigenvalue is hidden from
+        the solver even where the gradient is orthogonal to it; a zero or non-finite gradient leaves the
+        random vector alone. Inside a solve on one batch the gradient comes from the graph the products reuse
+        (Note [graph reuse]), at no extra cost; otherwise it costs one gradient.
+        """
+        dim = sum(t.numel() for t in space)
+        r = torch.randn(dim, generator=generator, dtype=torch.float64).to(self._device)
+        if start == "random":
+            return r
+        g = self._mean_over_data(lambda inputs, targets: self._batch_grad(space, inputs, targets)).to(torch.float64)
+        norm = g.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            return r
+        return g / norm + r / r.norm()
+
     # ----------------------------------------------------------------------------------------------
     # Public API
 
@@ -460,6 +494,7 @@ class Hessian:
         generator: torch.Generator | None = None,
         *,
         per_group: bool = False,
+        start: str = "gradient",
     ) -> tuple[Tensor, list] | dict[str, tuple[Tensor, list]]:
         r"""The :math:`k` largest (algebraic) eigenvalues of :math:`H` and their eigenvectors.
 
@@ -469,12 +504,18 @@ class Hessian:
         at most ``max_iter`` products per eigenpair. The products used are in :attr:`last_num_hvp`, the
         convergence report in :attr:`last_result`.
 
+        Both start from the normalised gradient plus a normalised random vector (``start="gradient"``,
+        Note [gradient start]), which reaches a given ``tol`` in fewer products than a random start (4 against
+        6 for a briefly trained MNIST CNN at ``tol = 1e-3``, ``stablenet bench curvature --data mnist``), or from a
+        Gaussian random vector (``start="random"``, PyHessian's choice).
+
         Args:
             k: number of eigenpairs.
             method: one of :data:`METHODS`.
             max_iter, tol: stopping rule (see above).
             generator: random generator for the starting vectors.
             per_group: one result per parameter group, each for the diagonal block :math:`H_{gg}`.
+            start: one of :data:`STARTS` (see above).
 
         Returns:
             ``(eigenvalues, eigenvectors)``: float64 ``(k,)`` descending on the parameters' device, and a
@@ -483,17 +524,18 @@ class Hessian:
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}; got {start!r}")
         solver = lanczos_eigsh if method == "lanczos" else power_eigsh
         generator = self._generator(generator)
-        start = self.num_hvp
+        first = self.num_hvp
         results: dict[str, tuple[Tensor, list]] = {}
         reports: dict[str, EigshResult] = {}
         for name, space in self._spaces(per_group).items():
             dim = sum(t.numel() for t in space)
             with self._cached_graphs():
-                result = solver(
-                    self._matvec(space), dim, k, max_iter=max_iter, tol=tol, generator=generator, device=self._device
-                )
+                v0 = self._start_vector(space, start, generator)
+                result = solver(self._matvec(space), dim, k, max_iter=max_iter, tol=tol, v0=v0, generator=generator)
             vectors = [_unflatten(x.to(self._dtype), space) for x in result.eigenvectors]
             if self.wrt == "inputs":
                 vectors = [x[0] for x in vectors]
@@ -501,7 +543,7 @@ class Hessian:
             reports[name] = result
             if not result.converged:
                 logger.info("%s did not converge in %d products (group %s)", method, result.num_matvec, name)
-        self.last_num_hvp = self.num_hvp - start
+        self.last_num_hvp = self.num_hvp - first
         self.last_result = reports if per_group else reports["all"]
         return results if per_group else results["all"]
 
@@ -530,7 +572,7 @@ class Hessian:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to give a standard error; got {num_samples}")
         generator = self._generator(generator)
-        start = self.num_hvp
+        first = self.num_hvp
         results = {}
         for name, space in self._spaces(per_group).items():
             dim = sum(t.numel() for t in space)
@@ -540,7 +582,7 @@ class Hessian:
                     z = rademacher(dim, generator=generator, device=self._device)
                     samples[j] = torch.dot(z, self._hvp_flat(space, z).to(torch.float64)).item()
             results[name] = (samples.mean().item(), (samples.std() / math.sqrt(num_samples)).item())
-        self.last_num_hvp = self.num_hvp - start
+        self.last_num_hvp = self.num_hvp - first
         return results if per_group else results["all"]
 
     def density(
@@ -580,12 +622,12 @@ class Hessian:
             ``(grid, density)``: float64 tensors of the same shape, on the parameters' device.
         """
         generator = self._generator(generator)
-        start = self.num_hvp
+        first = self.num_hvp
         with self._cached_graphs():
             nodes, weights = stochastic_lanczos_quadrature(
                 self._matvec(self._space), self.dim, num_runs, num_steps, generator=generator, device=self._device
             )
-        self.last_num_hvp = self.num_hvp - start
+        self.last_num_hvp = self.num_hvp - first
         self.last_quadrature = (nodes, weights)
         support = nodes[weights > 0]
         lo, hi = support.min().item(), support.max().item()

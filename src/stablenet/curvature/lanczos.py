@@ -92,10 +92,12 @@ def _lanczos_steps(
     restart: bool,
     generator: torch.Generator | None,
 ):
-    """Yield ``(alphas, betas, basis, residual_norm)`` after each Lanczos step.
+    """Yield ``(alphas, betas, basis, residual_norm, restarting)`` after each Lanczos step.
 
     ``basis`` is a view of the first ``m`` rows; ``residual_norm`` is :math:`\\beta_m`, the norm of the
-    part of :math:`A q_m` outside the basis (0 after a breakdown that ends the process).
+    part of :math:`A q_m` outside the basis (0 after a breakdown that ends the process). ``restarting`` is
+    True when the basis spans an invariant subspace and the process goes on from a new random vector: its
+    Ritz values are then exact eigenvalues, but not necessarily the largest.
     """
     n = v0.numel()
     device = v0.device
@@ -124,9 +126,10 @@ def _lanczos_steps(
         broke = beta.item() <= _BREAKDOWN_RTOL * scale
         last = j + 1 == max_steps or j + 1 == n
         if broke and (last or not restart):
-            yield torch.stack(alphas), _stack(betas, device), basis[: j + 1], torch.zeros((), dtype=torch.float64)
+            zero = torch.zeros((), dtype=torch.float64)
+            yield torch.stack(alphas), _stack(betas, device), basis[: j + 1], zero, False
             return
-        yield torch.stack(alphas), _stack(betas, device), basis[: j + 1], beta
+        yield torch.stack(alphas), _stack(betas, device), basis[: j + 1], beta, broke and not last
         if last:
             return
         if j + 2 > basis.shape[0]:
@@ -196,7 +199,7 @@ def lanczos_tridiagonal(
     *_, result = _lanczos_steps(
         matvec, v0, steps, reorthogonalize=reorthogonalize, restart=restart, generator=generator
     )
-    alpha, beta, basis, _ = result
+    alpha, beta, basis, *_ = result
     return alpha, beta, basis.clone()
 
 
@@ -222,6 +225,28 @@ def _check_dim(dim: int, k: int) -> None:
         raise ValueError(f"k must be between 1 and the dimension {dim}; got {k}")
 
 
+def _error_estimate(ritz: Tensor, residuals: Tensor, k: int) -> Tensor:
+    r"""Estimated errors of the top-:math:`k` Ritz values ``ritz`` (all of them, descending).
+
+    Note [residual stopping rule]: for a symmetric :math:`A` and a unit Ritz vector :math:`x` with Ritz value
+    :math:`\theta` and residual :math:`r = \|Ax - \theta x\|`, some eigenvalue lies within :math:`r` of
+    :math:`\theta` (Parlett, *The Symmetric Eigenvalue Problem*, Thm 4.5.1), and within :math:`r^2/\delta`
+    when :math:`\delta` is the distance from :math:`\theta` to the rest of the spectrum (Thm 11.7.1, the
+    gap theorem). :math:`\delta` is unknown; the distance to the nearest other Ritz value stands in for it,
+    as in ARPACK-style Lanczos codes. It converges to the true gap, but early on it can overstate it: the
+    quadratic bound is an estimate, which is why the rule is one of two heuristics, not a certificate.
+    """
+    if ritz.numel() < 2:
+        return residuals
+    estimates = residuals.clone()
+    for i in range(k):
+        others = torch.cat([ritz[:i], ritz[i + 1 :]])
+        gap = (others - ritz[i]).abs().min()
+        if gap > 0:
+            estimates[i] = torch.minimum(residuals[i], residuals[i] ** 2 / gap)
+    return estimates
+
+
 def lanczos_eigsh(
     matvec: Matvec,
     dim: int,
@@ -238,19 +263,25 @@ def lanczos_eigsh(
     After step :math:`m` the Ritz values :math:`\theta_1 \ge \dots \ge \theta_k` are the top eigenvalues of
     :math:`T_m` (:func:`lanczos_tridiagonal`, full reorthogonalisation, restart on breakdown); they
     increase monotonically towards :math:`\lambda_1 \ge \dots \ge \lambda_k` (Cauchy interlacing). The
-    iteration stops at the first step :math:`m > k` where
+    Ritz vectors are :math:`Q_m^\top s_i`, with residual :math:`r_i = \|A x_i - \theta_i x_i\| =
+    \beta_m |s_{m,i}|`, free to compute. The iteration stops at the first step :math:`m \ge k` where, for
+    every :math:`i = 1, \dots, k`, either error estimate is below ``tol`` relative:
 
-    .. math:: |\theta_i^{(m)} - \theta_i^{(m-1)}| \le \mathrm{tol}\cdot|\theta_i^{(m)}|
-        \quad (i = 1, \dots, k),
+    * the residual estimate (Note [residual stopping rule]):
+      :math:`\min(r_i,\ r_i^2/\hat\delta_i) \le \mathrm{tol}\cdot|\theta_i|`, with
+      :math:`\hat\delta_i` the distance from :math:`\theta_i` to the nearest other Ritz value
+      (only :math:`r_i` while :math:`T_m` has no other);
+    * the change in one step (:math:`m > k`):
+      :math:`|\theta_i^{(m)} - \theta_i^{(m-1)}| \le \mathrm{tol}\cdot|\theta_i^{(m)}|`;
 
     or after ``min(max_iter, dim)`` steps (``dim`` steps are exact up to rounding). Each step costs one
-    product with the operator. The Ritz vectors are :math:`Q_m^\top s_i`, with residual
-    :math:`\|A x_i - \theta_i x_i\| = \beta_m |s_{m,i}|`.
+    product with the operator.
 
-    A small change of the Ritz values is a heuristic: a clustered or hidden eigenvalue can make them stall
-    for a few steps. Use a small ``tol`` (or ``max_iter = dim``) where accuracy matters; the returned
-    ``residuals`` bound the error of each eigenvalue. A single starting vector sees one copy of a repeated
-    eigenvalue: the other copies appear only once the Krylov space is exhausted (breakdown, then restart).
+    Both rules are heuristics: a clustered or hidden eigenvalue can make the Ritz values stall with a small
+    residual for a few steps. Use a small ``tol`` (or ``max_iter = dim``) where accuracy matters; the
+    returned ``residuals`` bound the distance from each Ritz value to the nearest eigenvalue. A single starting
+    vector sees one copy of a repeated eigenvalue: the other copies appear only once the Krylov space is
+    exhausted (breakdown, then restart).
 
     Args:
         matvec: the operator (see :data:`Matvec`).
@@ -277,17 +308,25 @@ def lanczos_eigsh(
     converged = False
     state = None
     for state in _lanczos_steps(matvec, v0, steps, reorthogonalize=True, restart=True, generator=generator):
-        alpha, beta, _, _ = state
+        alpha, beta, _, residual, restarting = state
         if alpha.numel() < k:
             continue
-        theta = tridiagonal_eigh(alpha, beta)[0].flip(0)[:k]
+        ritz, s = tridiagonal_eigh(alpha, beta)
+        ritz, s = ritz.flip(0), s.flip(1)
+        theta = ritz[:k]
         # The floor keeps an exactly zero top-k eigenvalue from defeating the relative test.
-        floor = 1e-10 * theta.abs().max()
-        if previous is not None and bool(((theta - previous).abs() <= tol * theta.abs().clamp_min(floor)).all()):
+        limit = tol * theta.abs().clamp_min(1e-10 * theta.abs().max())
+        # After a breakdown the residuals vanish, yet a larger eigenvalue may lie outside the subspace found.
+        settled = torch.zeros(k, dtype=torch.bool, device=theta.device)
+        if not restarting:
+            settled |= _error_estimate(ritz, residual * s[-1, :k].abs(), k) <= limit
+        if previous is not None:
+            settled |= (theta - previous).abs() <= limit
+        if bool(settled.all()):
             converged = True
             break
         previous = theta
-    alpha, beta, basis, residual = state
+    alpha, beta, basis, residual, _ = state
     m = alpha.numel()
     converged = converged or m == dim or bool(residual == 0)
     theta, s = tridiagonal_eigh(alpha, beta)
@@ -305,6 +344,7 @@ def power_eigsh(
     *,
     max_iter: int = 100,
     tol: float = 1e-3,
+    v0: Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> EigshResult:
@@ -329,6 +369,8 @@ def power_eigsh(
         matvec, dim, k, generator, device: as for :func:`lanczos_eigsh`.
         max_iter: maximum number of iterations per eigenpair (and per shift).
         tol: relative residual that stops the iteration for one eigenpair.
+        v0: starting vector of the first eigenpair (default: a random Gaussian vector); later pairs, and the
+            first after a shift, start from random vectors.
 
     Example:
         >>> a = torch.diag(torch.tensor([3.0, -5.0, 1.0], dtype=torch.float64))
@@ -352,9 +394,16 @@ def power_eigsh(
             y = y - found.T @ ((torch.tensor(values, dtype=torch.float64, device=x.device) + shift) * (found @ x))
         return y, ax
 
+    if v0 is not None:
+        if v0.numel() != dim or not bool(torch.isfinite(v0).all()) or not bool((v0 != 0).any()):
+            raise ValueError(f"v0 must be a finite, nonzero vector of {dim} entries")
+        device = v0.device
     while len(values) < k:
         found = torch.stack(vectors) if vectors else None
-        x = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
+        if v0 is not None and not values and shift == 0.0:
+            x = v0.detach().reshape(-1).to(torch.float64)
+        else:
+            x = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
         if found is not None:
             x = _orthogonalise(x, found)
         x = x / x.norm()
