@@ -155,3 +155,37 @@ def test_device_defaults_to_the_images_device():
     loader = DeviceLoader(torch.rand(2, 1, 2, 2), [0, 1], 1)
     assert loader.device == torch.device("cpu") and loader.labels.dtype == torch.int64
     assert "batch_size=1" in repr(loader)
+
+
+@pytest.mark.parametrize("crop_padding, flip", [(0, False), (2, False), (0, True), (2, True)])
+@pytest.mark.parametrize("start", [1, 3, 4])
+def test_batches_resume_a_pass_in_the_middle(crop_padding, flip, start):
+    """Note [loader randomness]: batches(start, state after batch start - 1) continues the pass exactly."""
+    images, labels = torch.rand(30, 2, 6, 6, generator=seeded(1)), torch.arange(30)
+
+    def loader():
+        return DeviceLoader(images, labels, 7, shuffle=True, generator=seeded(5), crop_padding=crop_padding, flip=flip)
+
+    whole = loader()
+    expected, state = [], None
+    for b, batch in enumerate(whole):
+        expected.append(batch)
+        if b == start - 1:
+            state = whole.generator.get_state()
+    resumed = list(loader().batches(start, state))
+    assert len(resumed) == len(expected) - start
+    for (x, y), (x0, y0) in zip(resumed, expected[start:], strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_batches_refuse_a_resume_they_cannot_reproduce():
+    images, labels = torch.rand(10, 1, 4, 4), torch.arange(10)
+    crop = DeviceLoader(images, labels, 4, shuffle=True, generator=seeded(0), crop_padding=1)
+    with pytest.raises(ValueError, match="resuming a pass with crops or flips needs a generator and its generator_s"):
+        next(crop.batches(1))
+    with pytest.raises(ValueError, match="start must be between 0 and 3 batches; got 4"):
+        next(crop.batches(4))
+    plain = DeviceLoader(images, labels, 4, shuffle=True, generator=seeded(0))
+    assert torch.equal(
+        next(plain.batches(2))[1], list(DeviceLoader(images, labels, 4, shuffle=True, generator=seeded(0)))[2][1]
+    )

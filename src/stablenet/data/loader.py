@@ -9,7 +9,9 @@ horizontal flip) is done on the whole batch with tensor operations.
 Every random draw (the epoch's permutation, crop offsets, flip mask) comes from ``generator`` when one is
 given, so two loaders with equally seeded generators yield identical batches. The draws happen on the
 generator's device (a CPU generator is allowed with CUDA data) and are then moved to the data's device.
-Without a generator, the default generator of the data's device is used.
+Without a generator, the default generator of the data's device is used. The permutation is drawn first, then
+each batch's crops and flips in order, so :meth:`DeviceLoader.batches` can resume a pass in the middle from the
+generator's state saved after the previous batch.
 
 Example:
     >>> import torch
@@ -134,8 +136,26 @@ class DeviceLoader:
         return torch.where(mask.to(x.device)[:, None, None, None], x.flip(-1), x)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.batches()
+
+    def batches(self, start: int = 0, generator_state: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start, start + 1, ...`` of a pass, the same as a whole pass would yield them.
+
+        Args:
+            start: the first batch, ``0 <= start <= len(self)``.
+            generator_state: ``generator.get_state()`` taken after batch ``start - 1`` was drawn; needed
+                when ``start > 0`` and batches draw crops or flips. The permutation is drawn again from the
+                generator as it is now, which must be its state at the start of the pass.
+        """
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be between 0 and {len(self)} batches; got {start}")
+        per_batch_draws = self.crop_padding > 0 or self.flip
+        if start > 0 and per_batch_draws and (self.generator is None or generator_state is None):
+            raise ValueError("resuming a pass with crops or flips needs a generator and its generator_state")
         order = self._order()
-        for batch in range(len(self)):
+        if start > 0 and per_batch_draws:
+            self.generator.set_state(generator_state)
+        for batch in range(start, len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             x = self.images[index]
             x = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32)

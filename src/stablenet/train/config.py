@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     out: str = "runs/train"
+    # Also checkpoint within an epoch when this many minutes have passed since the last checkpoint (0: only at
+    # the end of each epoch). How often a run saves does not change what it computes (Note [exact resume]).
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -64,6 +67,7 @@ class TrainConfig:
             (self.loss_offset >= 0, "loss_offset must be >= 0"),
             (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
             (self.sam_rho >= 0, "sam_rho must be >= 0"),
+            (self.checkpoint_minutes >= 0, "checkpoint_minutes must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,11 +1,13 @@
-"""The training loop: reproducible, checkpointed every epoch, resumable after a kill.
+"""The training loop: reproducible, checkpointed every epoch and every few minutes, resumable after a kill.
 
 # Note [exact resume]
-Everything random in an epoch (shuffling, crops, flips) is drawn from a generator seeded with
-``(seed, epoch)``, the learning rate is a function of the global step, and the model and optimiser states
-are saved at the end of every epoch. A run resumed from the checkpoint of epoch ``k`` therefore performs the
-same operations as an uninterrupted run from epoch ``k`` on, and ends with the same weights (bit for bit on
-the same machine and device).
+The shuffling, crops and flips of an epoch are drawn from a loader generator seeded with ``(seed, epoch)``,
+its noise augmentation from a second one, and the learning rate is a function of the global step. Everything
+else random (dropout, the Rademacher vectors of ``hessian_trace``) comes from torch's global generators. A
+checkpoint holds the model and optimiser states, the global generators' states and, within an epoch
+(``checkpoint_minutes``), the step reached, the two epoch generators' states after that step and the epoch's
+running sums. A run resumed from any checkpoint therefore performs the same operations as an uninterrupted
+run from that step on, and ends with the same weights (bit for bit on the same machine and device).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ __all__ = ["TrainResult", "evaluate", "resolve_device", "train"]
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+# Config keys a resumed run may change: they decide when checkpoints are written, not what is computed.
+_RESUME_IGNORED = frozenset({"checkpoint_minutes"})
 
 
 @dataclass
@@ -143,6 +147,30 @@ def _build_regularizers(config: TrainConfig, model: nn.Module) -> list:
     return regs
 
 
+def _global_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())  # generator states are CPU byte tensors, whatever map_location did
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def _resume_config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Config keys whose values differ, ignoring those that do not change what a run computes."""
+    current = config.to_dict()
+    defaults = TrainConfig().to_dict()  # a key missing from an older saved config had its default
+    return sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in _RESUME_IGNORED and saved.get(k, defaults.get(k)) != current.get(k)
+    )
+
+
 def _write_metrics(run_dir: Path, rows: list[dict[str, float]]) -> None:
     if not rows:
         return
@@ -172,12 +200,13 @@ def train(
 
     The run directory receives ``config.yaml`` (resolved config), ``metrics.csv`` (one row per epoch),
     ``model.safetensors`` + ``model.json`` (for :func:`stablenet.load_model`) and ``train_state.pt`` (for
-    resuming), all written atomically after every epoch (see Note [exact resume]).
+    resuming), all written atomically after every epoch; ``train_state.pt`` also within an epoch, every
+    ``config.checkpoint_minutes`` (see Note [exact resume]).
 
     Args:
         config: the resolved configuration.
         resume: continue the run in ``config.out`` from its last checkpoint. The saved config must equal
-            ``config``. A run that already finished returns at once.
+            ``config`` except for ``checkpoint_minutes``. A run that already finished returns at once.
         progress: show tqdm progress bars.
         callback: called as ``callback(epoch, metrics_row)`` after each epoch's checkpoint is written.
 
@@ -208,17 +237,20 @@ def train(
         **config.model_args,
     ).to(device)
     optimizer = _build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-    start_epoch, rows = 0, []
+    start_epoch, rows, partial = 0, [], None
     if resume:
         state = load_training_state(run_dir, map_location=device)
-        if state["config"] != config.to_dict():
-            saved = state["config"]
-            diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+        diff = _resume_config_differences(state["config"], config)
+        if diff:
             raise ValueError(f"cannot resume {run_dir}: config differs from the saved one in {', '.join(diff)}")
         load_state_dict_checked(model, state["model"], f"training state in {run_dir}")
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, rows = int(state["epoch"]), list(state["metrics"])
-        logger.info("resuming %s at epoch %d/%d", run_dir, start_epoch, config.epochs)
+        partial = state.get("partial")  # a checkpoint within epoch start_epoch
+        if "rng" in state:  # absent from checkpoints written before the global state was saved
+            _set_global_rng_state(state["rng"])
+        step = f", step {partial['step']}" if partial else ""
+        logger.info("resuming %s at epoch %d/%d%s", run_dir, start_epoch, config.epochs, step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(run_dir / CONFIG_FILE, config.to_dict())
@@ -234,6 +266,22 @@ def train(
     total_steps = steps_per_epoch * config.epochs
     writer = _tensorboard(run_dir) if start_epoch < config.epochs else None
     metadata = _model_metadata(config, mean, std)
+    checkpoint_seconds = 60.0 * config.checkpoint_minutes
+    last_checkpoint = time.monotonic()
+
+    def checkpoint(epoch: int, within: dict[str, Any] | None) -> None:
+        """Write ``train_state.pt``: after ``epoch`` whole epochs, plus the progress ``within`` the next one."""
+        nonlocal last_checkpoint
+        state = {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "metrics": rows,
+            "config": config.to_dict(),
+            "rng": _global_rng_state(),
+        }
+        save_training_state(run_dir, state if within is None else {**state, "partial": within})
+        last_checkpoint = time.monotonic()
 
     epochs = tqdm(
         range(start_epoch, config.epochs),
@@ -244,6 +292,7 @@ def train(
     )
     for epoch in epochs:
         t0 = time.perf_counter()
+        resumed, partial = partial, None
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         # Note [exact resume]: the noise of an epoch comes from a generator seeded by (seed, epoch) too.
         noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch + 7919)
@@ -257,8 +306,13 @@ def train(
             flip=config.flip,
         )
         model.train()
-        loss_sum = correct = seen = 0
-        for i, (x, y) in enumerate(loader):
+        loss_sum = correct = seen = start = 0
+        if resumed is not None:
+            start, loss_sum, correct, seen = (resumed[k] for k in ("step", "loss_sum", "correct", "seen"))
+            t0 -= resumed["time_s"]
+            noise_gen.set_state(resumed["noise_rng"].cpu())
+        batches = loader.batches(start, resumed["loader_rng"].cpu() if resumed is not None else None)
+        for i, (x, y) in enumerate(batches, start=start):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(config, epoch * steps_per_epoch + i, total_steps)
             if config.noise_sigma > 0:
@@ -288,6 +342,18 @@ def train(
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
+            if checkpoint_seconds > 0 and i + 1 < steps_per_epoch:
+                if time.monotonic() - last_checkpoint >= checkpoint_seconds:
+                    progress_in_epoch = {
+                        "step": i + 1,
+                        "loss_sum": loss_sum,
+                        "correct": correct,
+                        "seen": seen,
+                        "time_s": time.perf_counter() - t0,
+                        "loader_rng": generator.get_state(),
+                        "noise_rng": noise_gen.get_state(),
+                    }
+                    checkpoint(epoch, progress_in_epoch)
         test_acc, cert_acc = evaluate(model, x_test, y_test, radius)
         row = {
             "epoch": epoch + 1,
@@ -299,16 +365,7 @@ def train(
             "time_s": time.perf_counter() - t0,
         }
         rows.append(row)
-        save_training_state(
-            run_dir,
-            {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "metrics": rows,
-                "config": config.to_dict(),
-            },
-        )
+        checkpoint(epoch + 1, None)
         save_model(run_dir, model, {**metadata, "epoch": epoch + 1})
         _write_metrics(run_dir, rows)
         if writer is not None:
