@@ -43,7 +43,7 @@ def test_noise_bound_draws_what_the_loop_draws(monkeypatch):
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        drawn.append(out.shape[1])
+        drawn.append(out.shape[0] * out.shape[2])  # (k passes, 1, reps draws, ...)
         return out
 
     monkeypatch.setattr(torch, "randn", spy)

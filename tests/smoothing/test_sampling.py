@@ -38,11 +38,12 @@ class Constant(nn.Module):
     ("n_img", "num", "batch_size"),
     [(5, 3, 16), (5, 10, 4), (3, 7, 7), (4, 16, 5), (1, 1, 1), (6, 5, 11), (7, 2, 3), (2, 100, 1000)],
 )
-def test_counts_sum_to_num_for_every_image(n_img, num, batch_size):
+@pytest.mark.parametrize("chunk_bytes", [0, 1 << 20])
+def test_counts_sum_to_num_for_every_image(n_img, num, batch_size, chunk_bytes):
     model = RowCounter(2 * 3 * 3, 4)
     x = torch.rand(n_img, 2, 3, 3)
     gen = sampling.make_generator(0, torch.device("cpu"))
-    counts = sampling.class_counts(model, x, num, 0.5, 4, batch_size, gen)
+    counts = sampling.class_counts(model, x, num, 0.5, 4, batch_size, gen, chunk_bytes)
     assert counts.shape == (n_img, 4) and counts.dtype == torch.long
     assert torch.equal(counts.sum(dim=1), torch.full((n_img,), num))
     assert sum(model.batch_sizes) == n_img * num
@@ -51,14 +52,35 @@ def test_counts_sum_to_num_for_every_image(n_img, num, batch_size):
         assert len(model.batch_sizes) < n_img  # several images share a forward pass
 
 
-def test_noisy_outputs_index_each_row_by_its_image():
-    x = torch.arange(4.0).view(4, 1, 1, 1) * 100.0  # images far apart, so rows reveal their image
-    seen = torch.zeros(4, dtype=torch.long)
+@pytest.mark.parametrize(("num", "batch_size"), [(6, 5), (2, 4), (5, 10), (7, 3)])
+@pytest.mark.parametrize("chunk_bytes", [0, 1 << 20])
+def test_noisy_outputs_index_each_row_by_its_image(num, batch_size, chunk_bytes):
+    x = torch.arange(5.0).view(5, 1, 1, 1) * 100.0  # images far apart, so rows reveal their image
+    seen = torch.zeros(5, dtype=torch.long)
     gen = sampling.make_generator(1, torch.device("cpu"))
-    for index, out in sampling.noisy_outputs(nn.Flatten(), x, 6, 0.1, 5, gen):
+    noise = []
+    for index, out in sampling.noisy_outputs(nn.Flatten(), x, num, 0.1, batch_size, gen, chunk_bytes):
         assert torch.equal((out[:, 0] / 100.0).round().long(), index)
-        seen += torch.bincount(index, minlength=4)
-    assert torch.equal(seen, torch.full((4,), 6))
+        seen += torch.bincount(index, minlength=5)
+        noise.append(out[:, 0] - 100.0 * index)
+    assert torch.equal(seen, torch.full((5,), num))
+    # Fresh draws in every pass, chunked or not: no two passes share their noise.
+    first = torch.stack([n[0] for n in noise])
+    assert len(torch.unique(first)) == len(noise)
+
+
+def test_chunks_group_runs_of_equal_passes():
+    plan = sampling.batch_plan(7, 3, 6)  # (start, g=2, reps=3) for 3 groups, then (6, 1, 3)
+    assert plan == [(0, 2, 3), (2, 2, 3), (4, 2, 3), (6, 1, 3)]
+    assert list(sampling._chunks(plan, 8)) == [(0, 2, 3, 3, False), (6, 1, 3, 1, True)]
+    assert list(sampling._chunks(plan, 2)) == [(0, 2, 3, 2, False), (4, 2, 3, 1, True), (6, 1, 3, 1, True)]
+    plan = sampling.batch_plan(2, 10, 4)  # one image at a time: (0, 1, 4), (0, 1, 4), (0, 1, 2), (1, 1, 4) ...
+    assert list(sampling._chunks(plan, 8)) == [
+        (0, 1, 4, 2, True),
+        (0, 1, 2, 1, True),
+        (1, 1, 4, 2, True),
+        (1, 1, 2, 1, True),
+    ]
 
 
 def test_same_seed_same_counts_and_other_seed_other_counts():
