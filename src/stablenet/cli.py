@@ -169,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="curvature suite only: random (default, no download) or mnist (lenet trained briefly, test images)",
     )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="spectral suite only: comma-separated method rows to run (default: all; see stablenet.bench.spectral)",
+    )
     p.add_argument("--json", default=None, help="write the rows to this JSON Lines file")
     _add_quiet(p)
 
@@ -528,6 +533,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.suite != "curvature":
             raise ValueError(f"--data applies to the curvature suite only; got it with {args.suite!r}")
         extra["data"] = args.data
+    if args.methods is not None:
+        if args.suite != "spectral":
+            raise ValueError(f"--methods applies to the spectral suite only; got it with {args.suite!r}")
+        extra["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     run, header, format_row = _bench_suite(args.suite)
     rows = run(
         quick=args.quick,

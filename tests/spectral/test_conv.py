@@ -9,6 +9,7 @@ from stablenet.spectral.conv import (
     conv_operator_matrix,
     conv_spectral_norm,
     conv_spectral_norm_upper_bound,
+    conv_spectral_norm_upper_bounds,
     spatial_gram_bound,
 )
 
@@ -194,3 +195,32 @@ def test_circular_bounds_fold_a_kernel_larger_than_the_input():
     exact = torch.linalg.matrix_norm(F.conv2d(tiled, kernel).reshape(n, -1).T, 2)
     assert float(_circular_exact(kernel[None], (h, w))) == pytest.approx(float(exact), rel=1e-12)
     assert float(circular_gram_bound(kernel[None], (h, w))) >= float(exact) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("method", ["embed", "gram", "cholesky"])
+def test_upper_bounds_of_several_convolutions_match_one_at_a_time_and_the_explicit_operator(method):
+    g = torch.Generator().manual_seed(4)
+    problems = [
+        {"kernel": torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), "input_size": 7},
+        {"kernel": torch.randn(5, 5, 1, 1, generator=g, dtype=torch.float64), "input_size": (4, 6)},
+        {"kernel": torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64), "input_size": 6, "groups": 2},
+        {"kernel": torch.randn(3, 3, 5, generator=g, dtype=torch.float64), "input_size": 9, "stride": 2},
+    ]
+    if method != "embed":
+        problems.append({"kernel": torch.randn(4, 4, 3, 3, generator=g), "input_size": 5, "padding": "circular"})
+    bounds = conv_spectral_norm_upper_bounds(problems, method=method)
+    for problem, bound in zip(problems, bounds, strict=True):
+        args = {k: v for k, v in problem.items() if k not in ("kernel", "input_size")}
+        assert bound == conv_spectral_norm_upper_bound(problem["kernel"], problem["input_size"], method=method, **args)
+        exact_args = {"padding": "zeros", **args}  # the upper bounds' default padding
+        exact = float(
+            conv_spectral_norm(problem["kernel"].double(), problem["input_size"], method="exact", **exact_args)
+        )
+        assert bound >= exact
+
+
+def test_upper_bounds_bad_problem():
+    with pytest.raises(ValueError, match="needs 'kernel' and 'input_size'"):
+        conv_spectral_norm_upper_bounds([{"kernel": torch.ones(2, 2, 3, 3)}])
+    with pytest.raises(ValueError, match="needs 'kernel' and 'input_size'"):
+        conv_spectral_norm_upper_bounds([{"kernel": torch.ones(2, 2, 3, 3), "input_size": 5, "pad": 1}])

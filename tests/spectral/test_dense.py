@@ -8,10 +8,13 @@ from hypothesis import strategies as st
 from stablenet.spectral import (
     GRAM_ROUNDING_SLACK,
     gram_iteration,
+    gram_iteration_max,
+    gram_iteration_max_many,
     power_iteration,
     spectral_norm_exact,
     spectral_norm_upper_bound,
 )
+from stablenet.spectral.dense import _gram_max_many
 
 SHAPES = [(1, 7), (7, 1), (1, 1), (30, 5), (5, 30), (40, 40), (64, 17)]
 
@@ -113,3 +116,84 @@ def test_gram_accepts_an_operator_pair():
     assert torch.isclose(from_pair, gram_iteration(w, 6), rtol=1e-12)
     with pytest.raises(ValueError, match="needs input_shape"):
         gram_iteration((lambda x: x, lambda y: y))
+
+
+def _batch_norms(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(w, 2).max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 40),
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    spread=st.floats(0.0, 3.0),
+    seed=st.integers(0, 10_000),
+    complex_=st.booleans(),
+)
+def test_gram_max_is_tight_upper_bound_of_batch_max(batch, m, n, spread, seed, complex_):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.complex128 if complex_ else torch.float64
+    w = torch.randn(batch, m, n, dtype=dtype, generator=g)
+    # Matrices of very different sizes, so that most of the batch is pruned early.
+    w = w * torch.exp(spread * torch.randn(batch, 1, 1, dtype=torch.float64, generator=g)).to(dtype)
+    exact = _batch_norms(w)
+    bound = gram_iteration_max(w)
+    assert bound >= exact * (1 - 1e-14)
+    # Unless a top singular value repeats (then the change rule stops it), the stop rule guarantees tol.
+    assert bound <= exact * (1 + 1e-4)
+
+
+def test_gram_max_prunes_and_matches_unpruned_gram_at_the_same_step():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 16, 16, dtype=torch.float64, generator=g)
+    w[17] *= 1.5  # one matrix clearly on top: the others are dropped after a few steps
+    (state,) = _gram_max_many([w], 14, 1e-6)
+    bound, sizes = torch.tensor(state.top, dtype=torch.float64), state.sizes
+    assert sizes[0] == 200 and sizes[-1] < 10, sizes
+    exact = spectral_norm_exact(w[17])
+    assert exact <= bound <= exact * (1 + 1e-6)
+    # Pruning never changes the value: the unpruned iteration with as many steps gives the same maximum.
+    assert torch.isclose(bound, gram_iteration(w, len(sizes)).max(), rtol=1e-12)
+
+
+def test_gram_max_zero_matrices_repeated_top_and_gradient():
+    w = torch.zeros(3, 4, 5, dtype=torch.float64)
+    assert gram_iteration_max(w) == 0
+    w[1] = torch.eye(4, 5, dtype=torch.float64) * 2.0  # top singular value repeated 4 times
+    bound = gram_iteration_max(w)
+    assert 2.0 <= bound <= 2.0 * (1 + 1e-3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, 4, dtype=torch.float64, generator=g)
+    x[2] *= 3.0
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: gram_iteration_max(a, 6), (x,))
+    (grad,) = torch.autograd.grad(gram_iteration_max(x), x)
+    assert grad[[0, 1, 3, 4]].abs().max() == 0  # only the maximising matrix carries gradient
+    assert grad[2].abs().max() > 0
+
+
+def test_gram_max_bad_input():
+    with pytest.raises(ValueError, match="non-empty batch"):
+        gram_iteration_max(torch.zeros(0, 3, 3))
+    with pytest.raises(ValueError, match="max_iter"):
+        gram_iteration_max(torch.ones(2, 3, 3), 0)
+
+
+def test_gram_max_many_equals_one_at_a_time():
+    g = torch.Generator().manual_seed(2)
+    weights = [
+        torch.randn(30, 8, 8, dtype=torch.complex128, generator=g),
+        torch.randn(1, 12, 5, dtype=torch.float64, generator=g),
+        torch.randn(4, 3, 9, dtype=torch.float64, generator=g),
+        torch.zeros(2, 3, 3, dtype=torch.float64),
+        # Same shape as the first, 100x smaller: iterated in the same batch, and must not be pruned by it.
+        torch.randn(30, 8, 8, dtype=torch.complex128, generator=g) / 100,
+        torch.randn(1, 12, 5, dtype=torch.float64, generator=g),
+    ]
+    many = gram_iteration_max_many(weights)
+    for w, value in zip(weights, many, strict=True):
+        assert value == float(gram_iteration_max(w))
+        exact = float(torch.linalg.matrix_norm(w, 2).max())
+        assert exact <= value <= exact * (1 + 1e-4) + 1e-300
+    assert gram_iteration_max_many([]) == []

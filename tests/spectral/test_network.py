@@ -491,3 +491,35 @@ def test_conv_with_zero_padding_tuple_is_bounded():
     x = torch.randn(2, 6, 6, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(lambda v: net(v[None])[0], x)
     assert spectral_norm_exact(jac.reshape(-1, x.numel())) <= bound
+
+
+def test_convolutions_are_bounded_in_one_call_with_the_same_values(monkeypatch):
+    import stablenet.spectral.network as network
+    from stablenet.spectral.conv import conv_spectral_norm_upper_bound
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1, stride=2),
+        nn.Flatten(),
+    )
+    calls = []
+    real = network.conv_spectral_norm_upper_bounds
+
+    def counting(problems, **kwargs):
+        calls.append(len(problems))
+        return real(problems, **kwargs)
+
+    monkeypatch.setattr(network, "conv_spectral_norm_upper_bounds", counting)
+    bounds = dict(layer_lipschitz_bounds(net, (3, 10, 10)))
+    assert calls == [3]  # one call for the whole network, none during the walk
+    expected = {
+        "0": conv_spectral_norm_upper_bound(net[0].weight, 10),
+        "2": conv_spectral_norm_upper_bound(net[2].weight, 10, padding="circular"),
+        "4": conv_spectral_norm_upper_bound(net[4].weight, 10, padding_size=0, stride=2),
+    }
+    for name, value in expected.items():
+        assert bounds[name] == value

@@ -14,16 +14,16 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from stablenet.bench.baselines import araujo_bound, reshaped_kernel_norm, singla_feizi_bound
-from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound
+from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound, conv_spectral_norm_upper_bounds
 
-__all__ = ["RESNET18_CONVS", "ConvShape", "bench_spectral", "resnet18_bound_time", "write_rows"]
+__all__ = ["METHOD_NAMES", "RESNET18_CONVS", "ConvShape", "bench_spectral", "resnet18_bound_time", "write_rows"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,10 @@ def _methods(shape: ConvShape, kernel: Tensor, quick: bool) -> dict[str, tuple[s
     return methods
 
 
+#: Every method row of the benchmark (``bench_spectral(methods=...)``, ``stablenet bench spectral --methods``).
+METHOD_NAMES = tuple(_methods(CIFAR_LAYER, torch.zeros(1, 1, 3, 3), quick=False))
+
+
 def bench_spectral(
     *,
     quick: bool = False,
@@ -126,10 +130,19 @@ def bench_spectral(
     repeats: int | None = None,
     seed: int = 0,
     layers: list[ConvShape] | None = None,
+    methods: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Run the benchmark and return its rows (see the module docstring)."""
+    """Run the benchmark and return its rows (see the module docstring).
+
+    ``methods`` keeps only the named methods (default: all; ``quick`` drops the slow ones). The references
+    (exact circular norm, 200-step power iteration) are computed on the CPU in float64, whatever the device.
+    """
     device = torch.device(device)
+    if methods is not None:
+        unknown = sorted(set(methods) - set(METHOD_NAMES))
+        if unknown or not methods:
+            raise ValueError(f"unknown spectral benchmark methods {unknown}; accepted: {', '.join(METHOD_NAMES)}")
     repeats = repeats or (1 if quick else 5)
     shapes = layers or (
         [*RESNET18_CONVS, CIFAR_LAYER]
@@ -146,13 +159,14 @@ def bench_spectral(
     rows: list[dict] = []
     for i, shape in enumerate(shapes):
         kernel = _kernel(shape, device, seed + i)
+        k64_cpu = kernel.double().cpu()
         n = shape.input_size
         with torch.no_grad():
             reference = {
-                "circular": float(conv_spectral_norm(kernel.double(), n, "circular", method="exact")),
+                "circular": float(conv_spectral_norm(k64_cpu, n, "circular", method="exact")),
                 "zeros": float(
                     conv_spectral_norm(
-                        kernel.double(),
+                        k64_cpu,
                         n,
                         "zeros",
                         method="power",
@@ -161,7 +175,9 @@ def bench_spectral(
                     )
                 ),
             }
-            for method, (padding, fn) in _methods(shape, kernel, quick).items():
+            for method, (padding, fn) in _methods(shape, kernel, quick and methods is None).items():
+                if methods is not None and method not in methods:
+                    continue
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 value, ms = _timed(fn, repeats, device)
@@ -194,10 +210,8 @@ def resnet18_bound_time(device: str | torch.device = "cpu", method: str = "auto"
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    values = [
-        conv_spectral_norm_upper_bound(k, s.input_size, padding="zeros", method=method)
-        for k, s in zip(kernels, RESNET18_CONVS, strict=True)
-    ]
+    problems = [{"kernel": k, "input_size": s.input_size} for k, s in zip(kernels, RESNET18_CONVS, strict=True)]
+    values = conv_spectral_norm_upper_bounds(problems, method=method)  # zero padding (the default)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     out = {"method": method, "total_ms": (time.perf_counter() - t0) * 1e3, "device": str(device), "values": values}

@@ -31,6 +31,7 @@ The bounds are bounds on the exact function that the parameters define; floating
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenet.spectral.conv import conv_spectral_norm_upper_bound
+from stablenet.spectral.conv import conv_spectral_norm_upper_bounds
 from stablenet.spectral.dense import spectral_norm_upper_bound
 
 __all__ = [
@@ -129,25 +130,80 @@ def _linear_bound(module: nn.Linear) -> float:
     return float(spectral_norm_upper_bound(module.weight))
 
 
-def _conv_bound(module: nn.Conv1d | nn.Conv2d, input_shape: Shape | None) -> float:
-    """Certified bound on the spectral norm of the convolution operator on this input size (bias only shifts)."""
+def _conv_problem(module: nn.Conv1d | nn.Conv2d, input_shape: Shape | None) -> dict[str, object]:
     if module.padding_mode not in ("zeros", "circular"):
         raise TypeError(
             f"padding_mode must be one of 'circular', 'zeros'; got {module.padding_mode!r} ('reflect' and "
             "'replicate' padding are not supported)"
         )
     nd = module.weight.dim() - 2
-    return float(
-        conv_spectral_norm_upper_bound(
-            module.weight,
-            _spatial(module, input_shape, nd),
-            padding=module.padding_mode,
-            padding_size=module.padding,
-            stride=module.stride,
-            dilation=module.dilation,
-            groups=module.groups,
-        )
-    )
+    return {
+        "kernel": module.weight,
+        "input_size": _spatial(module, input_shape, nd),
+        "padding": module.padding_mode,
+        "padding_size": module.padding,
+        "stride": module.stride,
+        "dilation": module.dilation,
+        "groups": module.groups,
+    }
+
+
+#: Convolution bounds computed ahead of a walk, by ``(id(module), input shape)`` (Note [prefetched convolutions]).
+_PREFETCHED: contextvars.ContextVar[dict[tuple[int, Shape | None], float] | None] = contextvars.ContextVar(
+    "stablenet_prefetched_conv_bounds", default=None
+)
+
+
+def _conv_bound(module: nn.Conv1d | nn.Conv2d, input_shape: Shape | None) -> float:
+    """Certified bound on the spectral norm of the convolution operator on this input size (bias only shifts)."""
+    prefetched = _PREFETCHED.get()
+    if prefetched is not None and (id(module), input_shape) in prefetched:
+        return prefetched[(id(module), input_shape)]
+    return conv_spectral_norm_upper_bounds([_conv_problem(module, input_shape)])[0]
+
+
+def _prefetch_conv_bounds(
+    model: nn.Module, shapes: dict[int, list[Shape | None]]
+) -> dict[tuple[int, Shape | None], float]:
+    """Bounds of the convolutions that :func:`_walk` will bound by rule, computed in one call.
+
+    # Note [prefetched convolutions]
+    On a GPU the convolutions' Gram iterations run in lockstep (Note [lockstep Gram]), several times faster
+    than one after another. This visits the modules as ``_walk`` does (layers with their own bound are not
+    entered). Anything that fails here is left out, so that the walk itself computes it and raises its error
+    with the module's name.
+    """
+    keys: list[tuple[int, Shape | None]] = []
+    problems: list[dict[str, object]] = []
+
+    def visit(module: nn.Module) -> None:
+        if callable(getattr(module, "lipschitz_bound", None)):
+            return
+        branch_fn = getattr(module, "residual_branch", None)
+        if callable(branch_fn):
+            visit(branch_fn())
+            return
+        rule_type = next((t for t in type(module).__mro__ if t in _RULES), None)
+        if rule_type is not None:
+            if _RULES[rule_type] is _conv_bound:
+                for shape in dict.fromkeys(shapes.get(id(module)) or [None]):
+                    try:
+                        problem = _conv_problem(module, shape)  # type: ignore[arg-type]
+                    except (TypeError, ValueError):
+                        continue
+                    keys.append((id(module), shape))
+                    problems.append(problem)
+            return
+        if isinstance(module, nn.Sequential):
+            for child in module._modules.values():
+                if child is not None:
+                    visit(child)
+
+    visit(model)
+    try:
+        return dict(zip(keys, conv_spectral_norm_upper_bounds(problems), strict=True))
+    except (TypeError, ValueError):
+        return {}
 
 
 def _batch_norm_bound(module: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> float:
@@ -469,7 +525,11 @@ def layer_lipschitz_bounds(model: nn.Module, input_shape: Sequence[int] | None =
             pass
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"the forward pass on zeros of shape {(1, *shape)} failed: {message}") from e
-    return _walk(model, "", shapes)
+    token = _PREFETCHED.set(_prefetch_conv_bounds(model, shapes))
+    try:
+        return _walk(model, "", shapes)
+    finally:
+        _PREFETCHED.reset(token)
 
 
 def lipschitz_upper_bound(model: nn.Module, input_shape: Sequence[int] | None = None) -> float:
