@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from stablenet.bench.spectral import resnet18_bound_time
+from stablenet.bench.spectral import resnet18_bound_time, resnet18_kernels
 from stablenet.io import atomic_write_text
 
 
@@ -33,12 +33,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile:
         resnet18_bound_time(args.device, args.profile)  # warm-up
-        with torch.profiler.profile() as prof:
-            run = resnet18_bound_time(args.device, args.profile)
+        kernels = resnet18_kernels(args.device)  # drawn outside the profile
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.device(args.device).type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            run = resnet18_bound_time(args.device, args.profile, kernels=kernels)
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"{args.profile}: {run['total_ms'] / 1e3:.2f} s; share of self CPU time by operator:")
         for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
             print(f"  {event.key:32s} {100 * event.self_cpu_time_total / total:5.1f}%")
+        if len(activities) > 1:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
         return
     methods = args.methods.split(",")
     for method in methods:

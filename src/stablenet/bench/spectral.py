@@ -23,7 +23,15 @@ from torch import Tensor
 from stablenet.bench.baselines import araujo_bound, reshaped_kernel_norm, singla_feizi_bound
 from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound, conv_spectral_norm_upper_bounds
 
-__all__ = ["METHOD_NAMES", "RESNET18_CONVS", "ConvShape", "bench_spectral", "resnet18_bound_time", "write_rows"]
+__all__ = [
+    "METHOD_NAMES",
+    "RESNET18_CONVS",
+    "ConvShape",
+    "bench_spectral",
+    "resnet18_bound_time",
+    "resnet18_kernels",
+    "write_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -202,10 +210,18 @@ def bench_spectral(
     return rows
 
 
-def resnet18_bound_time(device: str | torch.device = "cpu", method: str = "auto", seed: int = 0) -> dict:
-    """Time and peak memory of the certified zero-padding bound over all 20 ResNet-18 convolutions."""
+def resnet18_kernels(device: str | torch.device = "cpu", seed: int = 0) -> list[Tensor]:
+    """The benchmark's Kaiming-normal kernels of the 20 ResNet-18 convolutions."""
+    return [_kernel(s, torch.device(device), seed + i) for i, s in enumerate(RESNET18_CONVS)]
+
+
+def resnet18_bound_time(
+    device: str | torch.device = "cpu", method: str = "auto", seed: int = 0, kernels: list[Tensor] | None = None
+) -> dict:
+    """Time and peak memory of the certified zero-padding bound over all 20 ResNet-18 convolutions (the kernels
+    are drawn before the clock starts; pass ``kernels`` to reuse them)."""
     device = torch.device(device)
-    kernels = [_kernel(s, device, seed + i) for i, s in enumerate(RESNET18_CONVS)]
+    kernels = kernels if kernels is not None else resnet18_kernels(device, seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
