@@ -149,8 +149,9 @@ def gram_iteration(
 # each matrix decreases with t, so a dropped matrix's final bound would have been below the kept maximum.
 
 #: Relative margin of the pruning test in :func:`gram_iteration_max`: a matrix is dropped only when its bound
-#: is below ``1 - PRUNE_MARGIN`` times another matrix's lower estimate. Far above the rounding of either value
-#: (about ``n * T * 2**-52`` in float64, ``2**-24`` scale in float32), so rounding cannot drop the maximum.
+#: is below ``1 - PRUNE_MARGIN`` times another matrix's lower estimate. Far above the float64 rounding of either
+#: value (about ``n * T * 2**-52``), so rounding cannot drop the maximum of a certified (float64) bound; in
+#: float32, where the bounds are estimates and not certificates, the margin is about ``n * 2**-24`` for n <= 800.
 PRUNE_MARGIN = 1e-4
 
 
@@ -226,7 +227,6 @@ class _Problem:
         self.matrices = g.reshape(-1, *g.shape[-2:])
         self.sizes: list[int] = []
         self.previous: float | None = None
-        self.done = False
         self.top = math.nan  # the bound, computed on the host
         self.result: Tensor | None = None  # the same on the device, with its gradient (only when one is needed)
 
@@ -337,7 +337,7 @@ def _gram_max_many(weights: list[Tensor], max_iter: int, tol: float) -> list[_Pr
                 top, floor = float(upper[rows].max()), float(lower[rows].max())
                 stalled = problem.previous is not None and problem.previous - top <= tol * top
                 if top <= (1.0 + tol) * floor or stalled or t == max_iter:
-                    problem.done, problem.top = True, top
+                    problem.top = top
                     if group.g.requires_grad:
                         problem.result = group.bound_with_gradient(rows)
                     continue
