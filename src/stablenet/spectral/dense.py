@@ -114,11 +114,7 @@ def gram_iteration(
         raise ValueError(f"weight must have at least 2 dimensions (..., m, n); got shape {tuple(weight.shape)}")
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1; got {n_iter}")
-    g = weight if weight.shape[-2] >= weight.shape[-1] else weight.mH
-    # Scale by the largest entry first so the first Frobenius norm cannot overflow (the bound is 1-homogeneous).
-    peak = g.detach().abs().amax(dim=(-2, -1))
-    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-    g = g / peak[..., None, None].to(g.dtype)
+    g, peak = _gram_side_scaled(weight)
     log_scale = torch.zeros(peak.shape, dtype=peak.dtype, device=weight.device)
     previous = None
     for t in range(1, n_iter + 1):
@@ -223,7 +219,7 @@ class _Problem:
             raise ValueError(
                 f"weight must be a non-empty batch of matrices (..., m, n); got shape {tuple(weight.shape)}"
             )
-        g = weight if weight.shape[-2] >= weight.shape[-1] else weight.mH
+        g = weight if weight.shape[-2] >= weight.shape[-1] else weight.mH  # the smaller Gram side last
         self.matrices = g.reshape(-1, *g.shape[-2:])
         self.sizes: list[int] = []
         self.previous: float | None = None
@@ -243,10 +239,7 @@ class _GramGroup:
         g = torch.cat([m for _, m in members]) if len(members) > 1 else members[0][1]
         self.owner = np.concatenate([np.full(len(m), p) for p, m in members])
         self.rows = {p: np.flatnonzero(self.owner == p) for p, _ in members}
-        # Scale by the largest entry first so the first Frobenius norm cannot overflow (the bound is 1-homogeneous).
-        peak = g.detach().abs().amax(dim=(-2, -1))
-        self.peak = torch.where(peak > 0, peak, 1.0)
-        self.g = g / self.peak[:, None, None]
+        self.g, self.peak = _gram_side_scaled(g)  # already oriented: only the scaling applies
         self.frobenius = torch.linalg.vector_norm(self.g, dim=(-2, -1))
         self.cs: list[Tensor] = []  # the rescaling c_s of each step s, per kept matrix (detached)
 
@@ -346,6 +339,18 @@ def _gram_max_many(weights: list[Tensor], max_iter: int, tol: float) -> list[_Pr
             if not keep.all():
                 group.keep(np.flatnonzero(keep))
     return problems
+
+
+def _gram_side_scaled(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g, peak)``: the matrices with the smaller Gram side last, divided by their largest entry ``peak``.
+
+    The scaling keeps the first Frobenius norm from overflowing (the bound is 1-homogeneous); an all-zero
+    matrix keeps ``peak = 1``.
+    """
+    g = weight if weight.shape[-2] >= weight.shape[-1] else weight.mH
+    peak = g.detach().abs().amax(dim=(-2, -1))
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return g / peak[..., None, None].to(g.dtype), peak
 
 
 def _gram_value(g: Tensor, log_scale: Tensor, n_iter: int) -> Tensor:

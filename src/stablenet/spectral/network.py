@@ -130,6 +130,11 @@ def _linear_bound(module: nn.Linear) -> float:
     return float(spectral_norm_upper_bound(module.weight))
 
 
+def _rule_type(module: nn.Module) -> type[nn.Module] | None:
+    """The nearest class in ``module``'s MRO with a registered rule (``_walk`` checks the forward is kept)."""
+    return next((t for t in type(module).__mro__ if t in _RULES), None)
+
+
 def _conv_problem(module: nn.Conv1d | nn.Conv2d, input_shape: Shape | None) -> dict[str, object]:
     if module.padding_mode not in ("zeros", "circular"):
         raise TypeError(
@@ -183,7 +188,7 @@ def _prefetch_conv_bounds(
         if callable(branch_fn):
             visit(branch_fn())
             return
-        rule_type = next((t for t in type(module).__mro__ if t in _RULES), None)
+        rule_type = _rule_type(module)
         if rule_type is not None:
             if _RULES[rule_type] is _conv_bound:
                 for shape in dict.fromkeys(shapes.get(id(module)) or [None]):
@@ -434,7 +439,7 @@ def _walk(module: nn.Module, name: str, shapes: dict[int, list[Shape | None]] | 
             return [(label, math.nextafter(combined * (1.0 + _FLOAT64_SLACK), math.inf))]
         return [(label, math.nextafter(1.0 + inner, math.inf))]
 
-    rule_type = next((t for t in type(module).__mro__ if t in _RULES), None)
+    rule_type = _rule_type(module)
     if rule_type is not None:
         _keeps_forward(module, rule_type, where)
         try:
