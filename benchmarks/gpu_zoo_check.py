@@ -5,7 +5,9 @@ setting that loses about 1e-3 in float32 products; Note [constraint precision] i
 Adam steps, then the constrained weights are computed (``export()``, TF32 still on) and the largest Jacobian
 singular value over random inputs is measured for the layer and for its export, with TF32 off so that the
 measurement itself is IEEE float32 (``stablenet.precision.ieee_float32``), its norm in float64. Prints one line
-per layer and exits non-zero if any measured constant exceeds ``1 + LAYER_ROUNDING_SLACK``.
+per layer and exits non-zero if any measured constant exceeds ``1 + LAYER_ROUNDING_SLACK``. On a GPU it then
+trains the capturable layers with their weight maps as CUDA graphs (``stablenet.nn.capture_weight_maps``) next
+to eager copies and checks that outputs and parameters agree (relative difference at most 1e-5).
 
 Usage: PYTHONPATH=src python3 benchmarks/gpu_zoo_check.py [--device cuda]
 """
@@ -50,6 +52,32 @@ def measured(layer: nn.Module, shape: tuple[int, ...], device: torch.device, n_p
     return worst
 
 
+GRAPHED = ("SLLLinear", "SLLConv2d", "AOLLinear", "AOLConv2d", "SRLinear", "SRConv2d")
+
+
+def graphed_matches_eager(name: str, device: torch.device, steps: int = 3) -> float:
+    """Largest relative difference between eager and CUDA-graphed training (outputs and parameters)."""
+    factory, shape = LAYERS[name]
+    torch.manual_seed(0)
+    eager = factory().to(device)
+    graphed = factory().to(device)
+    graphed.load_state_dict(eager.state_dict())
+    snn.capture_weight_maps(graphed)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (eager, graphed)]
+    worst = 0.0
+    for _ in range(steps):
+        x = torch.randn(32, *shape, device=device)
+        for model, opt in zip((eager, graphed), opts, strict=True):
+            opt.zero_grad()
+            model._out = model(x)
+            model._out.square().sum().backward()
+            opt.step()
+        worst = max(worst, float((graphed._out - eager._out).abs().max() / eager._out.abs().max()))
+    for p, q in zip(eager.parameters(), graphed.parameters(), strict=True):
+        worst = max(worst, float((p - q).abs().max() / p.abs().max().clamp_min(1e-30)))
+    return worst
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -80,6 +108,14 @@ def main() -> int:
         print(f"{name:26s} layer {evaluated:.9f}  export {plain:.9f}  excess {worst - 1:+.2e}  {status}", flush=True)
         if worst > limit:
             failed.append(name)
+    for name in GRAPHED if device.type == "cuda" else ():
+        diff = graphed_matches_eager(name, device)
+        status = "ok" if diff <= 1e-5 else "FAIL"
+        print(
+            f"{name:26s} CUDA graphs vs eager, 3 Adam steps: max relative difference {diff:.2e}  {status}", flush=True
+        )
+        if diff > 1e-5:
+            failed.append(f"{name} (graphs)")
     print(f"device {device}, TF32 on; limit 1 + {LAYER_ROUNDING_SLACK:g}; failed: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
 

@@ -9,7 +9,10 @@ model (``sll_s``), three measurements, each next to the same measurement of a *p
 * ``eval``: one forward in eval mode under ``torch.no_grad()``, where layers reuse their cached constrained
   weights (Note [eval cache] in ``stablenet.nn.base``);
 * ``train_bf16`` (model only, CUDA only): the training step under ``torch.autocast(dtype=torch.bfloat16)`` at
-  batch 512, with ``images_per_s``.
+  batch 512, with ``images_per_s``;
+* ``train_graphs`` (families in :data:`GRAPH_FAMILIES`, CUDA only) and ``train_bf16_graphs`` (model, CUDA only):
+  the same steps with the weight maps recorded as CUDA graphs (``stablenet.nn.capture_weight_maps``, Note
+  [captured weight maps]); ``captured_layers`` counts the layers recorded.
 
 Plain twins: a non-residual layer ``L`` is measured as ``Sequential(L, ReLU)`` against
 ``Sequential(nn.Conv2d, ReLU)`` of the same shape (Cayley: circular padding; orthogonal: ``nn.Linear``), so the
@@ -42,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stablenet.nn.graphs import capture_weight_maps
+
 __all__ = [
     "HEADER",
     "LAYER_FAMILIES",
@@ -56,6 +61,9 @@ __all__ = [
 
 #: Layer families of the benchmark, in row order.
 LAYER_FAMILIES = ("sll", "cpl", "aol", "sr", "spectral", "cayley", "orthogonal")
+
+#: Families whose weight maps ``capture_weight_maps`` records as CUDA graphs (``train_graphs`` rows on a GPU).
+GRAPH_FAMILIES = ("sll", "aol", "sr")
 
 _CLASSES = {
     "sll": ("stablenet.nn.sll", "SLLConv2d"),
@@ -232,7 +240,7 @@ def _step_fn(module: nn.Module, x: Tensor, mode: str, target: Tensor | None) -> 
         return run
     module.train()
     opt = torch.optim.SGD(module.parameters(), lr=1e-4)
-    autocast = mode == "train_bf16"
+    autocast = mode.startswith("train_bf16")
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
@@ -286,9 +294,17 @@ def _compare(
     **extra: Any,
 ) -> dict:
     device = x.device
-    steps = (_step_fn(layer, x, mode, target), _step_fn(plain, x, mode, target))
-    ms, plain_ms = _time_pair(steps, cfg.warmup, cfg.repeats, device)
-    mem, plain_mem = _peak_mb(layer, steps[0], device), _peak_mb(plain, steps[1], device)
+    graphs = mode.endswith("_graphs")
+    captured = capture_weight_maps(layer) if graphs else 0
+    try:
+        steps = (_step_fn(layer, x, mode, target), _step_fn(plain, x, mode, target))
+        ms, plain_ms = _time_pair(steps, cfg.warmup, cfg.repeats, device)
+        mem, plain_mem = _peak_mb(layer, steps[0], device), _peak_mb(plain, steps[1], device)
+    finally:
+        if graphs:
+            capture_weight_maps(layer, enabled=False)
+    if graphs:
+        extra["captured_layers"] = captured
     row = {
         "layer": name,
         "shape": list(x.shape),
@@ -303,7 +319,7 @@ def _compare(
         "repeats": cfg.repeats,
         **extra,
     }
-    if mode == "train_bf16":
+    if mode.startswith("train_bf16"):
         row["images_per_s"] = x.shape[0] / (ms / 1e3)
         row["plain_images_per_s"] = x.shape[0] / (plain_ms / 1e3)
     return row
@@ -377,6 +393,14 @@ def bench_layers(
         if progress is not None:
             progress(format_row(row))
 
+    def emit_graphed(*args: Any, **kw: Any) -> None:
+        # A capture that fails (a driver without graph support, say) costs its row, not the run.
+        try:
+            emit(_compare(*args, **kw))
+        except RuntimeError as e:
+            if progress is not None:
+                progress(f"{args[0]} {args[4]}: capture failed: {str(e).splitlines()[0]}")
+
     n, size = cfg.batch_size, cfg.image_size
     for family in cfg.families:
         for width in cfg.widths:
@@ -385,6 +409,8 @@ def bench_layers(
             x = torch.randn(n, *shape, device=device)
             for mode in ("train", "eval"):
                 emit(_compare(family, layer, plain, x, mode, cfg, width=width))
+            if device.type == "cuda" and family in GRAPH_FAMILIES:
+                emit_graphed(family, layer, plain, x, "train_graphs", cfg, width=width)
             del layer, plain, x
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -394,12 +420,13 @@ def bench_layers(
         options = dict(cfg.model_options)
         x = torch.rand(n, 3, size, size, device=device)
         y = torch.randint(0, 10, (n,), device=device)
+        kw = {"width": width, "model_options": options}
         for mode in ("train", "eval"):
-            emit(_compare(cfg.model, model, plain, x, mode, cfg, target=y, width=width, model_options=options))
+            emit(_compare(cfg.model, model, plain, x, mode, cfg, target=y, **kw))
         if device.type == "cuda":
+            emit_graphed(cfg.model, model, plain, x, "train_graphs", cfg, target=y, **kw)
             xb = torch.rand(cfg.bf16_batch_size, 3, size, size, device=device)
             yb = torch.randint(0, 10, (cfg.bf16_batch_size,), device=device)
-            emit(
-                _compare(cfg.model, model, plain, xb, "train_bf16", cfg, target=yb, width=width, model_options=options)
-            )
+            emit(_compare(cfg.model, model, plain, xb, "train_bf16", cfg, target=yb, **kw))
+            emit_graphed(cfg.model, model, plain, xb, "train_bf16_graphs", cfg, target=yb, **kw)
     return rows

@@ -4,7 +4,8 @@ Residual layers: :class:`SLLLinear`, :class:`SLLConv2d`, :class:`CPLLinear`, :cl
 constraints, as ready layers and as parametrizations of any ``nn.Linear`` / ``nn.Conv2d``: AOL
 (:func:`lipschitz_aol`), spectral rescaling (:func:`lipschitz_sr`), spectral normalisation
 (:func:`lipschitz_spectral`), orthogonality (:func:`lipschitz_orthogonal`); :class:`CayleyConv2d` is orthogonal
-in the Fourier domain. Activations, pooling, padding, residual containers and the LLN head complete the zoo.
+in the Fourier domain. :func:`capture_weight_maps` runs the layers' weight maps as CUDA graphs in training.
+Activations, pooling, padding, residual containers and the LLN head complete the zoo.
 """
 
 from stablenet.nn.activations import GroupSort, MaxMin
@@ -13,6 +14,7 @@ from stablenet.nn.base import LAYER_ROUNDING_SLACK
 from stablenet.nn.cayley_conv import CayleyConv2d
 from stablenet.nn.constrained import ConstrainedConv2d, ConstrainedLinear, Constraint
 from stablenet.nn.cpl import CPLConv2d, CPLLinear
+from stablenet.nn.graphs import capture_weight_maps
 from stablenet.nn.lln import LinearNormalized
 from stablenet.nn.orthogonal import OrthogonalLinear, lipschitz_orthogonal, remove_lipschitz_orthogonal
 from stablenet.nn.pooling import L2NormPool2d, LipAvgPool2d
@@ -48,6 +50,7 @@ __all__ = [
     "SRLinear",
     "SpectralConv2d",
     "SpectralLinear",
+    "capture_weight_maps",
     "export_model",
     "lipschitz_aol",
     "lipschitz_orthogonal",

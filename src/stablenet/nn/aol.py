@@ -41,7 +41,7 @@ from stablenet.nn.constrained import (
     register_constraint,
     remove_constraint,
 )
-from stablenet.spectral.rescaling import aol_conv_rescaling, aol_rescaling, dilate_kernel
+from stablenet.nn.fused import aol_scaled
 
 __all__ = ["AOLConstraint", "AOLConv2d", "AOLLinear", "lipschitz_aol", "remove_lipschitz_aol"]
 
@@ -54,22 +54,20 @@ class AOLConstraint(Constraint):
             for a dense weight, or a conv with ``groups=1`` and no dilation.
     """
 
+    capturable = True  # no host synchronisation: Note [captured weight maps] in stablenet.nn.graphs
+
     def __init__(self, geometry: ConvGeometry | None = None) -> None:
         super().__init__()
         self.geometry = geometry
 
     def constrain(self, weight: Tensor) -> Tensor:
+        # Note [fused rescaling] in stablenet.nn.fused: equal to weight * aol_rescaling(weight) (dense) or to the
+        # input-channel scales aol_conv_rescaling(dilate_kernel(weight), groups) (conv), computed in float64.
         if weight.dim() == 2:
-            return weight * aol_rescaling(weight.to(torch.float64)).to(weight.dtype)  # Note [constraint precision]
+            return aol_scaled(weight)
         if weight.dim() == 4:
             geometry = self.geometry or ConvGeometry()
-            groups = geometry.groups
-            kernel64 = dilate_kernel(weight.to(torch.float64), geometry.dilation)  # Note [constraint precision]
-            d = aol_conv_rescaling(kernel64, groups).to(weight.dtype)
-            co, ci_g = weight.shape[:2]
-            # Output channel o of group g reads input channels g * ci_g ... (g + 1) * ci_g - 1.
-            scale = d.reshape(groups, 1, ci_g).expand(groups, co // groups, ci_g).reshape(co, ci_g, 1, 1)
-            return weight * scale
+            return aol_scaled(weight, geometry.groups, geometry.dilation)
         raise ValueError(f"AOL constrains (out, in) or (c_out, c_in/groups, kh, kw) weights; got {tuple(weight.shape)}")
 
     def extra_repr(self) -> str:

@@ -41,11 +41,15 @@ class WeightCache:
         self._key: tuple | None = None
         self._value: object = None
         self._alive: list[Tensor] = []
+        #: a ``stablenet.nn.graphs.CapturedWeightMap`` when the map runs as CUDA graphs in training
+        self.graphs = None
 
     def get(self, module: nn.Module, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
         """Return ``compute()``, reusing the cached value in eval mode when no parameter needs a gradient."""
         if module.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             self._key, self._value, self._alive = None, None, []
+            if self.graphs is not None and module.training and self.graphs.applies(params):
+                return self.graphs(module, params, compute)  # Note [captured weight maps] in stablenet.nn.graphs
             return compute()
         key = tuple((p.data_ptr(), p._version) for p in params)
         if key != self._key:

@@ -124,6 +124,9 @@ class Constraint(nn.Module):
     returns the result in the weight's dtype (what a parametrization must do).
     """
 
+    #: whether the map runs without host synchronisation, so CUDA graphs can record it (``stablenet.nn.graphs``)
+    capturable: bool = False
+
     def constrain(self, weight: Tensor) -> Tensor:
         """Map a free weight (float32 or float64) to one whose operator has norm at most 1."""
         raise NotImplementedError

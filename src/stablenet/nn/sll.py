@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from stablenet.nn.base import at_least_float32
+from stablenet.nn.fused import sll_back_weight
 from stablenet.nn.residual import Residual
 from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
 from stablenet.spectral.rescaling import conv_gram_kernel
@@ -84,9 +85,7 @@ class SLLLinear(_ResidualLinear):
 
     def back_weight(self) -> Tensor:
         r"""The second factor :math:`-2 W^\top \operatorname{diag}(t)`, cached in eval (see Note [folded scaling])."""
-        t = self.rescaling()
-        with torch.autocast(self.weight.device.type, enabled=False):
-            return -2.0 * at_least_float32(self.weight).T * t
+        return sll_back_weight(self.weight, self.q_log).T  # Note [fused rescaling]: = -2 W^T diag(rescaling())
 
     def export(self) -> Residual:
         r"""``Residual(Sequential(Linear(W, b), ReLU(), Linear(-2 W^T diag(t))))``: plain torch, same outputs."""
@@ -127,9 +126,7 @@ class SLLConv2d(_ResidualConv2d):
 
     def back_weight(self) -> Tensor:
         r"""The kernel :math:`-2\operatorname{diag}(t) K` whose adjoint is the second factor (Note [folded scaling])."""
-        t = self.rescaling()
-        with torch.autocast(self.weight.device.type, enabled=False):
-            return -2.0 * at_least_float32(self.weight) * t[:, None, None, None]
+        return sll_back_weight(self.weight, self.q_log)  # Note [fused rescaling]: = -2 diag(rescaling()) K
 
     def export(self) -> Residual:
         """Plain ``Residual(Sequential(Conv2d(K, b), ReLU(), Conv2d(-2 K^T diag(t))))`` with the same outputs."""

@@ -63,6 +63,8 @@ class SRConstraint(Constraint):
             for a dense weight, or a conv with ``groups=1`` and no dilation.
     """
 
+    capturable = True  # no host synchronisation: Note [captured weight maps] in stablenet.nn.graphs
+
     def __init__(self, n_iter: int = 3, geometry: ConvGeometry | None = None) -> None:
         super().__init__()
         self.n_iter = _check_n_iter(n_iter)

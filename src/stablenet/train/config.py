@@ -54,6 +54,9 @@ class TrainConfig:
     # Also checkpoint within an epoch when this many minutes have passed since the last checkpoint (0: only at
     # the end of each epoch). How often a run saves does not change what it computes (Note [exact resume]).
     checkpoint_minutes: float = 10.0
+    # On a GPU, run the layers' weight maps as CUDA graphs (stablenet.nn.capture_weight_maps): same values, less
+    # launch overhead. Not with regularizers that differentiate gradients (only activation_decay is accepted).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -80,6 +83,13 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        names = {str(r.get("name")) for r in self.regularizers if isinstance(r, Mapping)}
+        second_order = sorted(names - {"activation_decay"})
+        if self.cuda_graphs and second_order:
+            raise ValueError(
+                f"cuda_graphs cannot differentiate gradients, which regularizer(s) {', '.join(second_order)} need; "
+                "accepted with cuda_graphs: activation_decay"
+            )
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {self.device!r}")
 

@@ -33,6 +33,7 @@ from stablenet.curvature.sam import sam_step
 from stablenet.data import DeviceLoader, dataset_info, load_dataset
 from stablenet.io import atomic_write_text, atomic_write_yaml
 from stablenet.models import create_model
+from stablenet.nn.graphs import capture_weight_maps
 from stablenet.train.checkpoint import (
     MODEL_FILE,
     TRAIN_STATE_FILE,
@@ -49,8 +50,9 @@ __all__ = ["TrainResult", "evaluate", "resolve_device", "train"]
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
-# Config keys a resumed run may change: they decide when checkpoints are written, not what is computed.
-_RESUME_IGNORED = frozenset({"checkpoint_minutes"})
+# Config keys a resumed run may change: they decide when checkpoints are written, or how the same kernels are
+# launched (cuda_graphs), not what is computed.
+_RESUME_IGNORED = frozenset({"checkpoint_minutes", "cuda_graphs"})
 
 
 @dataclass
@@ -236,6 +238,8 @@ def train(
         std=std,
         **config.model_args,
     ).to(device)
+    if config.cuda_graphs and device.type == "cuda":
+        logger.info("weight maps of %d layers run as CUDA graphs", capture_weight_maps(model))
     optimizer = _build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     start_epoch, rows, partial = 0, [], None
     if resume:

@@ -1,0 +1,66 @@
+"""Where a training step of the layer zoo spends its GPU time (torch.profiler), for the notes of issue 4.
+
+Profiles, after warm-up, five training steps of ``sll_s`` under bf16 autocast at batch 512 (eager weight maps,
+then CUDA-graphed ones) and of one 128-channel ``AOLConv2d`` + ReLU at batch 256, and prints the kernels with the
+most device time.
+
+Usage: PYTHONPATH=src python3 benchmarks/zoo_profile.py [--device cuda] [--rows 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import stablenet.nn as snn
+from stablenet.models import create_model
+
+
+def profile_steps(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, bf16: bool, rows: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y) if y is not None else out.float().square().mean()
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    device_total = sum(e.self_device_time_total for e in events) / 5e3
+    print(f"== {name}: device time per step {device_total:.2f} ms")
+    print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", type=int, default=12)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = create_model("sll_s", 10, 3, 32).to(device).train()
+    x = torch.rand(512, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (512,), device=device)
+    profile_steps("sll_s bf16 batch 512, eager maps", model, x, y, True, args.rows)
+    snn.capture_weight_maps(model)
+    profile_steps("sll_s bf16 batch 512, CUDA-graphed maps", model, x, y, True, args.rows)
+    layer = nn.Sequential(snn.AOLConv2d(128, 128, 3, padding=1), nn.ReLU()).to(device)
+    x = torch.randn(256, 128, 32, 32, device=device)
+    profile_steps("AOLConv2d 128 ch batch 256, eager map", layer, x, None, False, args.rows)
+
+
+if __name__ == "__main__":
+    main()
