@@ -1,8 +1,8 @@
 """Where a training step of the layer zoo spends its GPU time (torch.profiler), for the notes of issue 4.
 
 Profiles, after warm-up, five training steps of ``sll_s`` under bf16 autocast at batch 512 (eager weight maps,
-then CUDA-graphed ones) and of one 128-channel ``AOLConv2d`` + ReLU at batch 256, and prints the kernels with the
-most device time.
+then CUDA-graphed ones) and of one 128-channel ``AOLConv2d`` or ``SRConv2d`` + ReLU at batch 256 (CUDA-graphed
+maps), and prints the kernels with the most device time.
 
 Usage: PYTHONPATH=src python3 benchmarks/zoo_profile.py [--device cuda] [--rows 12]
 """
@@ -57,9 +57,11 @@ def main() -> None:
     profile_steps("sll_s bf16 batch 512, eager maps", model, x, y, True, args.rows)
     snn.capture_weight_maps(model)
     profile_steps("sll_s bf16 batch 512, CUDA-graphed maps", model, x, y, True, args.rows)
-    layer = nn.Sequential(snn.AOLConv2d(128, 128, 3, padding=1), nn.ReLU()).to(device)
     x = torch.randn(256, 128, 32, 32, device=device)
-    profile_steps("AOLConv2d 128 ch batch 256, eager map", layer, x, None, False, args.rows)
+    for name, cls in (("AOLConv2d", snn.AOLConv2d), ("SRConv2d", snn.SRConv2d)):
+        layer = nn.Sequential(cls(128, 128, 3, padding=1), nn.ReLU()).to(device)
+        snn.capture_weight_maps(layer)
+        profile_steps(f"{name} 128 ch batch 256, CUDA-graphed map", layer, x, None, False, args.rows)
 
 
 if __name__ == "__main__":
