@@ -197,3 +197,21 @@ def test_gram_max_many_equals_one_at_a_time():
         exact = float(torch.linalg.matrix_norm(w, 2).max())
         assert exact <= value <= exact * (1 + 1e-4) + 1e-300
     assert gram_iteration_max_many([]) == []
+
+
+def test_gram_iteration_max_gradient_is_the_argmax_matrix_gradient():
+    """The gradient of the pruned maximum equals autograd through the whole batch at the same step count."""
+    torch.manual_seed(11)
+    weight = torch.randn(40, 6, 5, dtype=torch.complex128)
+    weight[7] *= 3.0  # a clear maximum
+    weight.requires_grad_()
+    bound = gram_iteration_max(weight)
+    (grad,) = torch.autograd.grad(bound, weight)
+    with torch.no_grad():
+        (problem,) = _gram_max_many([weight.detach()], 14, 1e-5)
+    assert problem.argmax == 7 and problem.steps >= 1
+    reference = gram_iteration(weight, problem.steps).amax()
+    (ref_grad,) = torch.autograd.grad(reference, weight)
+    torch.testing.assert_close(bound.detach(), reference.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert grad[torch.arange(40) != 7].abs().max() == 0

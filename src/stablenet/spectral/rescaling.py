@@ -106,11 +106,8 @@ def conv_gram_kernel(kernel: Tensor, groups: int = 1, side: str = "output") -> T
     # Note [gram as GEMM]: a cross-correlation conv2d computes the same, but constraint math runs in float64
     # (Note [constraint precision] in stablenet.nn.base), where GPUs run GEMMs on tensor cores and cuDNN has no
     # fast convolution; on this CPU the two are within 10% (benchmarks/zoo_micro.py).
-    # The windows are a strided view of the padded kernel, copied once (F.unfold launches one im2col kernel per
-    # channel on a GPU).
     padded = F.pad(k5.reshape(g * c, inner, kh, kw), (kw - 1, kw - 1, kh - 1, kh - 1))
-    views = padded.unfold(2, kh, 1).unfold(3, kw, 1)  # (g c, inner, 2kh-1, 2kw-1, kh, kw)
-    windows = views.permute(0, 1, 4, 5, 2, 3).reshape(g, c, inner * kh * kw, (2 * kh - 1) * (2 * kw - 1))
+    windows = F.unfold(padded, (kh, kw)).reshape(g, c, inner * kh * kw, (2 * kh - 1) * (2 * kw - 1))
     rows = k5.reshape(g, c, inner * kh * kw)
     out = torch.einsum("gikl,gjk->gijl", windows, rows)
     return out.reshape(g, c, c, 2 * kh - 1, 2 * kw - 1)
