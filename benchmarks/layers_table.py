@@ -1,7 +1,8 @@
 """Markdown table of `stablenet bench layers` JSON rows: train / eval time ratios to the plain twin per layer.
 
 Usage: python benchmarks/layers_table.py ROWS.jsonl[,RUN2.jsonl,...] [MORE.jsonl ...]
-One column group per argument; comma-separated files are repeated runs, and their median ratio is shown.
+One column group per argument; comma-separated files are repeated runs, and their median ratio is shown. Runs with
+``train_graphs`` rows (CUDA graphs for the weight maps, on a GPU) get a third column.
 """
 
 from __future__ import annotations
@@ -44,26 +45,31 @@ def _label(paths: str) -> str:
 def main(paths: list[str]) -> None:
     tables = [load(p) for p in paths]
     keys = list(dict.fromkeys(k for t in tables for k in t))
-    head = "| layer | width / shape |" + "".join(
-        f" train ×plain ({_label(p)}) | eval ×plain ({_label(p)}) |" for p in paths
-    )
-    print(head)
-    print("|---|---|" + "---:|---:|" * len(paths))
+    columns = []  # (table, mode, title)
+    for p, t in zip(paths, tables, strict=True):
+        graphs = any("train_graphs" in modes for modes in t.values())
+        modes = ("train", "train_graphs", "eval") if graphs else ("train", "eval")
+        titles = {"train": "train", "train_graphs": "train, CUDA graphs", "eval": "eval"}
+        columns += [(t, m, f"{titles[m]} ×plain ({_label(p)})") for m in modes]
+    print("| layer | width / shape |" + "".join(f" {title} |" for *_, title in columns))
+    print("|---|---|" + "---:|" * len(columns))
     for layer, shape in keys:
         cells = []
-        for t in tables:
+        for t, mode, _ in columns:
             modes = t.get((layer, shape), {})
-            cells += [f"{modes[m]['ratio_to_plain']:.2f}" if m in modes else "-" for m in ("train", "eval")]
+            cells.append(f"{modes[mode]['ratio_to_plain']:.2f}" if mode in modes else "-")
         print(f"| {layer} | {shape} | " + " | ".join(cells) + " |")
     for p, t in zip(paths, tables, strict=True):
         for (layer, _), modes in t.items():
-            if "train_bf16" in modes:
-                r = modes["train_bf16"]
-                print(
-                    f"\n{layer} bf16 training ({_label(p)}, batch {r['shape'][0]}): "
-                    f"{r['images_per_s']:.0f} images/s vs {r['plain_images_per_s']:.0f} for the plain twin "
-                    f"({r['images_per_s'] / r['plain_images_per_s']:.2f}×)"
-                )
+            for mode in ("train_bf16", "train_bf16_graphs"):
+                if mode in modes:
+                    r = modes[mode]
+                    how = " with CUDA-graphed weight maps" if mode.endswith("graphs") else ""
+                    print(
+                        f"\n{layer} bf16 training{how} ({_label(p)}, batch {r['shape'][0]}): "
+                        f"{r['images_per_s']:.0f} images/s vs {r['plain_images_per_s']:.0f} for the plain twin "
+                        f"({r['images_per_s'] / r['plain_images_per_s']:.2f}×)"
+                    )
 
 
 if __name__ == "__main__":
