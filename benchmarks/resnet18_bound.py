@@ -44,7 +44,9 @@ def main() -> None:
         for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
             print(f"  {event.key:32s} {100 * event.self_cpu_time_total / total:5.1f}%")
         if len(activities) > 1:
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
+            busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+            print(f"device busy {busy:.1f} ms of {run['total_ms']:.1f} ms wall (kernels by self device time):")
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
         return
     methods = args.methods.split(",")
     for method in methods:
