@@ -215,3 +215,19 @@ def test_gram_iteration_max_gradient_is_the_argmax_matrix_gradient():
     torch.testing.assert_close(bound.detach(), reference.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
     assert grad[torch.arange(40) != 7].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_gram_iteration_max_deep_on_flat_spectra_does_not_underflow(dtype):
+    """Orthogonal matrices (all singular values equal) run to max_iter with sparse rescaling (Note [sparse
+    rescaling]): the bound stays >= 1 (float64) or close to it (float32), never 0, inf or nan."""
+    torch.manual_seed(12)
+    q = torch.linalg.qr(torch.randn(6, 256, 256, dtype=torch.float64))[0]
+    weight = (q * torch.tensor([1.0, 0.5, 0.25, 1.0, 0.9, 0.3], dtype=torch.float64)[:, None, None]).to(dtype)
+    bound = float(gram_iteration_max(weight, 14, tol=1e-9))
+    many = gram_iteration_max_many([weight, weight[:3]], 14, tol=1e-9)
+    exact = 1.0
+    slack = 1e-12 if dtype == torch.float64 else 1e-4
+    upper = 256 ** (2.0**-15)  # the Gram bound of a flat spectrum after 14 squarings: rank^(2^-(T+1))
+    for value in (bound, *many):
+        assert exact * (1 - slack) <= value <= upper * (1 + slack)

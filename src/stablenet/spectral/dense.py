@@ -222,10 +222,20 @@ def gram_iteration_max_many(weights: Sequence[Tensor], max_iter: int = 14, *, to
 # maps f to f' with f^2 / n <= f' <= f^2 (||G^H G||_F <= ||G||_F^2, and >= ||G||_2^2 >= ||G||_F^2 / n for an
 # n x n Gram side), so the squaring after a rescaling and the R - 1 unscaled ones keep f within
 # [n^(1 - 2^R), 1]: [n^-15, 1] for R = 4 (2e-41 for n = 512), far inside float64's range for any n < 10^20.
-# The norm itself is only computed when a rescaling or a check reads it.
+# In float32 (uncertified estimates) R is lowered until n^(1 - 2^R) stays 2^60 above the smallest normal number
+# (R = 3 for n = 512). The norm itself is only computed when a rescaling or a check reads it.
 
-#: Squarings between two rescalings of the lockstep iterates (Note [sparse rescaling]).
+#: Most squarings between two rescalings of the lockstep iterates (Note [sparse rescaling]).
 RESCALE_EVERY = 4
+
+
+def _rescale_every(n: int, dtype: torch.dtype) -> int:
+    floor = math.log(torch.finfo(dtype).tiny) + 60 * math.log(2)
+    for r in range(RESCALE_EVERY, 1, -1):
+        if (1 - 2**r) * math.log(max(n, 2)) > floor:
+            return r
+    return 1
+
 
 #: First step at which :func:`gram_iteration_max` computes its lower estimates (before it, nothing can stop or be
 #: pruned on the spectra we measured, and each check costs a device-to-host copy).
@@ -266,18 +276,19 @@ class _GramGroup:
         self.frobenius = torch.linalg.vector_norm(self.g, dim=(-2, -1))
         self.cs: list[Tensor] = []  # the rescaling c_s of each step s, per kept matrix (detached; 1: none)
         self.t = 0
+        self.rescale_every = _rescale_every(self.g.shape[-1], self.peak.dtype)
 
     def step(self, first_check: int) -> None:
-        """One squaring; the rescaling only every ``RESCALE_EVERY`` steps (Note [sparse rescaling])."""
+        """One squaring; the rescaling only every ``rescale_every`` steps (Note [sparse rescaling])."""
         self.t += 1
-        if (self.t - 1) % RESCALE_EVERY == 0:
+        if (self.t - 1) % self.rescale_every == 0:
             c = self.frobenius.clamp_min(torch.finfo(self.frobenius.dtype).tiny)  # an all-zero matrix stays 0
             g = self.g / c[:, None, None]
         else:
             c, g = torch.ones_like(self.peak), self.g
         self.cs.append(c)
         self.g = g.mH @ g
-        if self.t >= first_check or self.t % RESCALE_EVERY == 0:  # a check now or a rescaling next reads it
+        if self.t >= first_check or self.t % self.rescale_every == 0:  # a check now or a rescaling next reads it
             self.frobenius = torch.linalg.vector_norm(self.g, dim=(-2, -1))
 
     def check_rows(self) -> Tensor:
