@@ -231,22 +231,3 @@ def test_gram_iteration_max_deep_on_flat_spectra_does_not_underflow(dtype):
     upper = 256 ** (2.0**-15)  # the Gram bound of a flat spectrum after 14 squarings: rank^(2^-(T+1))
     for value in (bound, *many):
         assert exact * (1 - slack) <= value <= upper * (1 + slack)
-
-
-def test_lagged_checks_decide_as_prompt_ones():
-    """Deciding each check one step late (the GPU default, Note [lagged checks]) gives the same bound, step count
-    and argmax for every problem as deciding at once; only the batch sizes between decisions differ."""
-    torch.manual_seed(13)
-    weights = [torch.randn(30, 8, 8, dtype=torch.complex128) * torch.rand(30, 1, 1) for _ in range(3)]
-    weights.append(torch.randn(50, 6, 4, dtype=torch.float64))
-    weights.append(torch.randn(1, 5, 5, dtype=torch.float64))
-    prompt = _gram_max_many(weights, 14, 1e-5, lag=0)
-    lagged = _gram_max_many(weights, 14, 1e-5, lag=1)
-    for a, b in zip(prompt, lagged, strict=True):
-        assert (a.top, a.steps, a.argmax) == (b.top, b.steps, b.argmax)
-        assert len(a.sizes) == len(b.sizes) == a.steps
-        assert all(x <= y for x, y in zip(a.sizes, b.sizes, strict=True))
-    assert any(a.sizes != b.sizes for a, b in zip(prompt, lagged, strict=True))  # the lag really deferred a pruning
-    for w, problem in zip(weights, lagged, strict=True):
-        exact = float(torch.linalg.matrix_norm(w, 2).amax())
-        assert exact <= problem.top <= exact * (1 + 1e-5)

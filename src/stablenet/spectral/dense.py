@@ -271,7 +271,6 @@ class _GramGroup:
         g = torch.cat([m for _, m in members]) if len(members) > 1 else members[0][1]
         self.owner = np.concatenate([np.full(len(m), p) for p, m in members])
         self.origin = np.concatenate([np.arange(len(m)) for _, m in members])  # index within its problem
-        self.ids = np.arange(len(self.owner))  # a stable name per matrix, across keep()
         self.rows = {p: np.flatnonzero(self.owner == p) for p, _ in members}
         self.g, self.peak = _gram_side_scaled(g)  # already oriented: only the scaling applies
         self.frobenius = torch.linalg.vector_norm(self.g, dim=(-2, -1))
@@ -307,7 +306,7 @@ class _GramGroup:
         return torch.stack([self.frobenius.detach(), ratio, self.peak.detach(), *self.cs])
 
     def keep(self, index: np.ndarray) -> None:
-        self.owner, self.origin, self.ids = self.owner[index], self.origin[index], self.ids[index]
+        self.owner, self.origin = self.owner[index], self.origin[index]
         self.rows = {p: np.flatnonzero(self.owner == p) for p in dict.fromkeys(self.owner.tolist())}
         if not len(index):
             return
@@ -328,64 +327,9 @@ def _host_bounds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return upper, lower
 
 
-class _Check:
-    """The check values of every group at step ``t``, on their way to the host (Note [lagged checks])."""
-
-    def __init__(self, t: int, groups: list[_GramGroup]) -> None:
-        self.t = t
-        blocks = [group.check_rows() for group in groups]
-        data = torch.cat([b.to(torch.float64) for b in blocks], dim=1)
-        self.event = None
-        if data.is_cuda:
-            self.host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
-            self.host.copy_(data, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = data
-        # the layout of each group when the check was taken (later decisions may have shrunk it since)
-        self.layout = [(group, group.ids.copy(), group.owner.copy(), group.origin.copy()) for group in groups]
-
-    def decide(self, problems: list[_Problem], tol: float, max_iter: int) -> None:
-        """Finish the problems that are done at step ``t`` and prune the rest (Note [Gram pruning])."""
-        if self.event is not None:
-            self.event.synchronize()
-        host, t, offset = self.host.numpy(), self.t, 0
-        for group, ids, owner, origin in self.layout:
-            upper, lower = _host_bounds(host[:, offset : offset + len(ids)])
-            offset += len(ids)
-            alive = np.isin(ids, group.ids)  # not yet pruned or finished by an earlier decision
-            kept = []
-            for p in dict.fromkeys(owner[alive].tolist()):
-                rows = np.flatnonzero(alive & (owner == p))
-                problem = problems[p]
-                top, floor = float(upper[rows].max()), float(lower[rows].max())
-                stalled = problem.previous is not None and problem.previous - top <= tol * top
-                if top <= (1.0 + tol) * floor or stalled or t == max_iter:
-                    problem.top, problem.steps, problem.sizes = top, t, problem.sizes[:t]
-                    problem.argmax = int(origin[rows[int(np.argmax(upper[rows]))]])
-                    continue
-                problem.previous = top
-                kept.append(ids[rows[upper[rows] >= (1.0 - PRUNE_MARGIN) * floor]])
-            keep = np.isin(group.ids, np.concatenate(kept)) if kept else np.zeros(len(group.ids), dtype=bool)
-            if not keep.all():
-                group.keep(np.flatnonzero(keep))
-
-
-# Note [lagged checks]
-# A check's decisions need its values on the host, and the copy waits for the device. On a GPU the decisions
-# for step t are therefore taken after step t + 1 is queued: the device squares while the host reads step t's
-# values and decides, instead of idling through every read-back (about 11 ms of the 66 ms ResNet-18 bound on an
-# H200). Decisions taken one step late stay sound: a matrix is dropped on the values of one step, where the
-# matrix holding the largest lower estimate is kept, and a problem finishes on the bounds of its matrices alive
-# at that step (Note [Gram pruning]); the squaring done meanwhile for a finished problem is discarded. On a CPU
-# the copy is free and each check is decided at once.
-def _gram_max_many(weights: list[Tensor], max_iter: int, tol: float, lag: int | None = None) -> list[_Problem]:
+def _gram_max_many(weights: list[Tensor], max_iter: int, tol: float) -> list[_Problem]:
     """The finished problems: ``top`` (the bound, computed on the host), ``argmax`` and ``steps`` (the matrix
-    holding it and the squarings taken), ``sizes`` (batch size at each step). Run it without autograd.
-
-    ``lag``: steps between a check and its decisions (Note [lagged checks]; default 1 on a GPU, 0 on a CPU).
-    """
+    holding it and the squarings taken), ``sizes`` (batch size at each step). Run it without autograd."""
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1; got {max_iter}")
     problems = [_Problem(w) for w in weights]
@@ -394,29 +338,41 @@ def _gram_max_many(weights: list[Tensor], max_iter: int, tol: float, lag: int | 
         m = problem.matrices
         members.setdefault((tuple(m.shape[1:]), m.dtype, m.device), []).append((p, m))
     groups = [_GramGroup(group) for group in members.values()]
-    if lag is None:
-        lag = 1 if any(group.g.is_cuda for group in groups) else 0
-    first = min(FIRST_CHECK, max_iter)
-    pending: list[_Check] = []
     for t in range(1, max_iter + 1):
-        groups = [group for group in groups if len(group.ids)]
+        groups = [group for group in groups if len(group.owner)]
         if not groups:
             break
         for group in groups:
             for p, rows in group.rows.items():
                 problems[p].sizes.append(len(rows))
-            group.step(first)
+            group.step(min(FIRST_CHECK, max_iter))
+        if t < min(FIRST_CHECK, max_iter):
+            continue
         # Note [lockstep Gram]
         # All problems advance together, the matrices of one shape (several convolutions of a network) in one
-        # batch, and the check values of all come back in one device-to-host copy. The rescaling exponents and
-        # the bounds are computed on the host, so a step costs four kernel launches per shape: on a GPU,
-        # launches and not arithmetic dominate small layers.
-        if t >= first:
-            pending.append(_Check(t, groups))
-        while len(pending) > lag:
-            pending.pop(0).decide(problems, tol, max_iter)
-    for check in pending:
-        check.decide(problems, tol, max_iter)
+        # batch, and the check values of all come back in one device-to-host copy, which waits for the device;
+        # the decisions below need them. The rescaling exponents and the bounds are computed on the host, so a
+        # step costs four kernel launches per shape: on a GPU, launches and not arithmetic dominate small layers.
+        with torch.no_grad():
+            blocks = [group.check_rows() for group in groups]
+            host = torch.cat([b.to(torch.float64) for b in blocks], dim=1).cpu().numpy()
+        offset = 0
+        for group, block in zip(groups, blocks, strict=True):
+            upper, lower = _host_bounds(host[:, offset : offset + block.shape[1]])
+            offset += block.shape[1]
+            keep = np.zeros(len(upper), dtype=bool)
+            for p, rows in group.rows.items():
+                problem = problems[p]
+                top, floor = float(upper[rows].max()), float(lower[rows].max())
+                stalled = problem.previous is not None and problem.previous - top <= tol * top
+                if top <= (1.0 + tol) * floor or stalled or t == max_iter:
+                    problem.top, problem.steps = top, t
+                    problem.argmax = int(group.origin[rows[int(np.argmax(upper[rows]))]])
+                    continue
+                problem.previous = top
+                keep[rows] = upper[rows] >= (1.0 - PRUNE_MARGIN) * floor
+            if not keep.all():
+                group.keep(np.flatnonzero(keep))
     return problems
 
 
