@@ -170,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
         help="curvature suite only: random (default, no download) or mnist (lenet trained briefly, test images)",
     )
     p.add_argument(
+        "--families",
+        default=None,
+        help="layers suite only: comma-separated layer families and/or the model to run (default: all and sll_s)",
+    )
+    p.add_argument(
         "--methods",
         default=None,
         help="spectral suite only: comma-separated method rows to run (default: all; see stablenet.bench.spectral)",
@@ -533,6 +538,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.suite != "curvature":
             raise ValueError(f"--data applies to the curvature suite only; got it with {args.suite!r}")
         extra["data"] = args.data
+    if args.families is not None:
+        if args.suite != "layers":
+            raise ValueError(f"--families applies to the layers suite only; got it with {args.suite!r}")
+        extra["families"] = [f.strip() for f in args.families.split(",") if f.strip()]
     if args.methods is not None:
         if args.suite != "spectral":
             raise ValueError(f"--methods applies to the spectral suite only; got it with {args.suite!r}")

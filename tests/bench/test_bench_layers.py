@@ -112,3 +112,19 @@ def test_cli_rejects_bad_batch_size(capsys, suite, size):
 def test_batch_size_override_reaches_the_rows(monkeypatch):
     rows = bench_layers(device="cpu", config=tiny_config(), batch_size=3)
     assert rows and all(r["shape"][0] == 3 for r in rows if r["mode"] != "train_bf16")
+
+
+def test_families_select_rows():
+    rows = bench_layers(device="cpu", config=tiny_config(), families=["aol", "sll_xs"])
+    assert {r["layer"] for r in rows} == {"aol", "sll_xs"}
+    rows = bench_layers(device="cpu", config=tiny_config(), families=["sll"])
+    assert {r["layer"] for r in rows} == {"sll"}
+    with pytest.raises(ValueError, match="families must be among .*sll_xs; got sll, bogus"):
+        bench_layers(device="cpu", config=tiny_config(), families=["sll", "bogus"])
+
+
+def test_cli_families(capsys):
+    assert main(["bench", "smoothing", "--quick", "--families", "sll"]) == 2
+    assert "--families applies to the layers suite only" in capsys.readouterr().err
+    assert main(["bench", "layers", "--quick", "--families", "bogus"]) == 2
+    assert "families must be among" in capsys.readouterr().err

@@ -37,7 +37,7 @@ import importlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -357,6 +357,7 @@ def bench_layers(
     repeats: int | None = None,
     config: LayersBenchConfig | None = None,
     batch_size: int | None = None,
+    families: Sequence[str] | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -368,6 +369,7 @@ def bench_layers(
         repeats: timed runs per measurement (default: the config's).
         config: the sizes (default: :func:`default_config`).
         batch_size: replaces the config's batch size (e.g. a smaller one on a CPU).
+        families: run only these layer families and, if its name is listed, the config's model.
         seed: seed of the random weights and inputs.
         progress: called with one line per row.
 
@@ -383,6 +385,16 @@ def bench_layers(
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         cfg = replace(cfg, batch_size=batch_size)
+    if families is not None:
+        accepted = (*LAYER_FAMILIES, *([cfg.model] if cfg.model else []))
+        unknown = [f for f in families if f not in accepted]
+        if unknown or not families:
+            raise ValueError(f"families must be among {', '.join(accepted)}; got {', '.join(families) or 'none'}")
+        cfg = replace(
+            cfg,
+            families=tuple(f for f in LAYER_FAMILIES if f in families),
+            model=cfg.model if cfg.model in families else None,
+        )
     for family in cfg.families:
         _layer_class(family)  # fail before measuring anything
     torch.manual_seed(seed)
