@@ -119,7 +119,7 @@ def test_families_select_rows():
     assert {r["layer"] for r in rows} == {"aol", "sll_xs"}
     rows = bench_layers(device="cpu", config=tiny_config(), families=["sll"])
     assert {r["layer"] for r in rows} == {"sll"}
-    with pytest.raises(ValueError, match="families must be among .*sll_xs; got sll, bogus"):
+    with pytest.raises(ValueError, match=r"families must be among .*sll_xs; got sll, bogus"):
         bench_layers(device="cpu", config=tiny_config(), families=["sll", "bogus"])
 
 
