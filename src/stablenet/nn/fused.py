@@ -6,8 +6,9 @@ The reference rescalings (``aol_conv_rescaling``, ``sll_rescaling`` with ``conv_
 recorded by autograd. Their arithmetic is tiny (a Gram kernel of a 3x3 kernel), so on a GPU a training step of a
 64-channel layer spent more time dispatching and launching them than convolving (H200: AOL 2.3x a plain
 convolution's step, ``benchmarks/results/README.md``). Here each rescaling is one ``torch.autograd.Function``
-whose forward and hand-derived backward run a few dozen unrecorded operations, in float64 with autocast off (Note [constraint precision] in ``stablenet.nn.base``). The references stay the
-specification: values and gradients are tested equal in float64 (``tests/nn/test_fused.py``).
+whose forward and hand-derived backward run a few dozen unrecorded operations, in float64 with autocast off
+(Note [constraint precision] in ``stablenet.nn.base``). The references stay the specification: values and
+gradients are tested equal in float64 (``tests/nn/test_fused.py``).
 
 The Gram kernel of a convolution is one GEMM of the kernel's zero-padded windows against its flattened rows
 (Note [gram as GEMM] in ``stablenet.spectral.rescaling``): for a kernel slice per row channel :math:`K_i`,

@@ -16,7 +16,9 @@ It is opt-in (``train.cuda_graphs`` in a training config) because graphs have li
 * a graphed map cannot be differentiated twice (no ``create_graph=True`` through it: Hessian-vector products
   and gradient penalties in train mode need it off); eval mode, ``torch.func`` transforms, ``torch.compile``
   and CPU tensors use the eager map;
-* a parameter whose shape, dtype, device or ``requires_grad`` changes is captured again.
+* a parameter whose shape, dtype, device or ``requires_grad`` changes is captured again;
+* measured on single GPUs only (``benchmarks/gpu_zoo_check.py``: graphed and eager training agree); under DDP
+  the parameters' gradient hooks still fire after the graphed backward, but no multi-GPU run has checked it.
 """
 
 from __future__ import annotations
