@@ -255,3 +255,42 @@ def test_gram_power_rowsums_sides_are_transposes():
     inp2, log_in2 = conv_gram_power_rowsums(kernel5, 2, "input")
     assert out.shape == (2, 3) and inp.shape == (2, 2)
     torch.testing.assert_close(inp * log_in.exp()[:, None], inp2 * log_in2.exp()[:, None])
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("shape", [(1, 3, 2, 3, 3), (2, 1, 2, 3, 3), (3, 2, 4, 2, 4), (1, 4, 4, 1, 1), (2, 3, 3, 3, 1)])
+@pytest.mark.parametrize("n_iter", [1, 2, 3])
+def test_unscaled_spatial_gram_equals_rescaled(monkeypatch, side, shape, n_iter):
+    """Note [unscaled spatial Gram]: the GEMM-started, unscaled iteration gives the rescaled one's row sums and
+    gradients, with and without autograd (the in-place squarings), for every group count and side."""
+    from stablenet.spectral import rescaling
+
+    torch.manual_seed(14)
+    kernel5 = (torch.randn(*shape, dtype=F64) * 3).requires_grad_()
+    upstream = torch.randn(shape[0], shape[2] if side == "input" else shape[1], dtype=F64)
+    assert rescaling._unscaled_is_safe(kernel5, n_iter, side)
+
+    def run():
+        rows, log_scale = conv_gram_power_rowsums(kernel5, n_iter, side)
+        value = rows * torch.exp(log_scale)[:, None]
+        (grad,) = torch.autograd.grad(value, kernel5, upstream)
+        with torch.no_grad():
+            rows, log_scale = conv_gram_power_rowsums(kernel5, n_iter, side)
+        return value.detach(), grad, rows * torch.exp(log_scale)[:, None]
+
+    unscaled = run()
+    monkeypatch.setattr(rescaling, "_unscaled_is_safe", lambda *args: False)
+    rescaled = run()
+    for a, b in zip(unscaled, rescaled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+def test_square_in_place_of_a_non_contiguous_batch():
+    """A batch whose leading dimensions cannot be merged without a copy is squared, not silently left as it was."""
+    from stablenet.spectral.rescaling import _square_in_place
+
+    m = torch.randn(2, 5, 3, 4, 4, dtype=torch.complex128).permute(0, 2, 1, 3, 4)  # (2, 3, 5, 4, 4), strided
+    assert not m.is_contiguous()
+    expected = m @ m
+    torch.testing.assert_close(_square_in_place(m), expected)
+    torch.testing.assert_close(_square_in_place(m.contiguous()), expected)

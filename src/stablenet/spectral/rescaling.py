@@ -46,6 +46,8 @@ smaller than :math:`\sigma_1` can underflow this way for large :math:`T` (it is 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -233,11 +235,44 @@ def _group_max_fro(m: Tensor) -> Tensor:
 
 
 def _square_in_place(m: Tensor, chunk: int = 16) -> Tensor:
-    flat = m.reshape(-1, *m.shape[-2:])
+    if not m.is_contiguous():  # reshape would copy, and the squares would land in the copy
+        return m @ m
+    flat = m.view(-1, *m.shape[-2:])
     for start in range(0, flat.shape[0], chunk):
         part = flat[start : start + chunk]
         part.copy_(part @ part)
     return m
+
+
+# Note [unscaled spatial Gram]
+# When no iterate can overflow, conv_gram_power_rowsums skips the per-step rescaling (a pass over the spectrum
+# and a reduction per step, forward and backward) and computes G_1 in space with one real GEMM (conv_gram_kernel)
+# instead of the complex product of the kernel's spectrum with itself, then moves it to the Fourier domain at the
+# size of G_T (its taps at offsets -(k-1) ... k-1 rolled to indices modulo the size).
+# The bound: with the kernel divided by its largest entry, every entry of G_1 is at most a_1 = c_in k_h k_w
+# (c_in the inner channel count), every entry of its symbol at most S a_1 (S = (2k_h-1)(2k_w-1) taps), a
+# squaring of c x c symbols maps a bound a to c a^2, and a row sum of |G_T| adds c N_h N_w entries. The unscaled
+# path runs only in float64, when this bound on the row sums stays below 2^500 (so the gradients, about
+# 1 / row sum, stay far from float64's subnormal numbers; a 512-channel 3x3 kernel qualifies up to T = 5), and
+# when the real GEMM's windows are no larger than the spectrum (or 1 MiB).
+# Nothing underflows as a whole: G_1[0] (offset 0) is the average of the symbols over the frequencies and its
+# largest diagonal entry is at least 1 (the row holding the peak), so some frequency's top eigenvalue is at
+# least 1, and stays so under squaring. A row far below the peak can underflow to zero, as it does relative to
+# the rescaled iterates; it then gets t = 0 (sound).
+def _unscaled_is_safe(kernel5: Tensor, n_iter: int, side: str) -> bool:
+    if kernel5.dtype != torch.float64:
+        return False
+    g, co, ci, kh, kw = kernel5.shape
+    c, inner = (co, ci) if side == "output" else (ci, co)
+    taps = (2 * kh - 1) * (2 * kw - 1)
+    log_a = math.log(taps * inner * kh * kw)  # entries of G_1's symbol
+    for _ in range(n_iter - 1):
+        log_a = math.log(c) + 2.0 * log_a
+    nh, nw = 2**n_iter * (kh - 1) + 1, 2**n_iter * (kw - 1) + 1
+    log_rowsum = log_a + math.log(c * nh * nw)  # a row sum of |G_T| adds c N_h N_w entries
+    windows_bytes = 8 * g * c * taps * inner * kh * kw
+    spectrum_bytes = 16 * g * nh * (nw // 2 + 1) * c * c
+    return log_rowsum < 500 * math.log(2) and windows_bytes <= max(spectrum_bytes, 2**20)
 
 
 def conv_gram_power_rowsums(kernel5: Tensor, n_iter: int, side: str = "output") -> tuple[Tensor, Tensor]:
@@ -269,17 +304,28 @@ def conv_gram_power_rowsums(kernel5: Tensor, n_iter: int, side: str = "output") 
     kh, kw = kernel5.shape[-2:]
     size = (2**n_iter * (kh - 1) + 1, 2**n_iter * (kw - 1) + 1)
     peak = _peak(kernel5, (1, 2, 3, 4))
-    spec = torch.fft.rfft2(kernel5 / peak, s=size).permute(0, 3, 4, 1, 2)  # (g, H, W', c_out/g, c_in/g)
-    if side == "input":
-        spec = spec.mH
-    c = _group_max_fro(spec)
-    spec = spec / c.view(groups, 1, 1, 1, 1).to(spec.dtype)
-    log_scale = 2.0 * torch.log(c * peak.reshape(groups))
-    m = spec @ spec.mH  # symbol of C C^T: kernel G_1
+    unscaled = _unscaled_is_safe(kernel5, n_iter, side)
+    if unscaled:
+        # Note [unscaled spatial Gram]: G_1 in space by one real GEMM, then to the Fourier domain.
+        g, co, ci, _, _ = kernel5.shape
+        g1 = conv_gram_kernel((kernel5 / peak).reshape(g * co, ci, kh, kw), groups, side)  # (g, c, c, 2kh-1, 2kw-1)
+        g1 = torch.roll(F.pad(g1, (0, size[1] - 2 * kw + 1, 0, size[0] - 2 * kh + 1)), (1 - kh, 1 - kw), (-2, -1))
+        m = torch.fft.rfft2(g1).permute(0, 3, 4, 1, 2).contiguous()  # (g, H, W', c, c): the symbol of G_1
+        log_scale = 2.0 * torch.log(peak.reshape(groups))
+    else:
+        spec = torch.fft.rfft2(kernel5 / peak, s=size).permute(0, 3, 4, 1, 2)  # (g, H, W', c_out/g, c_in/g)
+        if side == "input":
+            spec = spec.mH
+        c = _group_max_fro(spec)
+        spec = spec / c.view(groups, 1, 1, 1, 1).to(spec.dtype)
+        log_scale = 2.0 * torch.log(c * peak.reshape(groups))
+        m = spec @ spec.mH  # symbol of C C^T: kernel G_1
     for _ in range(n_iter - 1):
-        c = _group_max_fro(m)
-        m = m / c.view(groups, 1, 1, 1, 1).to(m.dtype)
-        log_scale = 2.0 * (log_scale + torch.log(c))
+        if not unscaled:
+            c = _group_max_fro(m)
+            m = m / c.view(groups, 1, 1, 1, 1).to(m.dtype)
+            log_scale = log_scale + torch.log(c)
+        log_scale = 2.0 * log_scale
         m = m @ m if torch.is_grad_enabled() and m.requires_grad else _square_in_place(m)
     # Back to space in blocks of rows: G_T is (g, c, c, N_T, N_T), large for many channels.
     rowsums = []
