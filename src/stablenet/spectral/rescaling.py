@@ -109,7 +109,11 @@ def conv_gram_kernel(kernel: Tensor, groups: int = 1, side: str = "output") -> T
     # (Note [constraint precision] in stablenet.nn.base), where GPUs run GEMMs on tensor cores and cuDNN has no
     # fast convolution; on this CPU the two are within 10% (benchmarks/zoo_micro.py).
     padded = F.pad(k5.reshape(g * c, inner, kh, kw), (kw - 1, kw - 1, kh - 1, kh - 1))
-    windows = F.unfold(padded, (kh, kw)).reshape(g, c, inner * kh * kw, (2 * kh - 1) * (2 * kw - 1))
+    if torch._C._are_functorch_transforms_active():  # F.unfold has a batching rule, unfold_backward none
+        windows = F.unfold(padded, (kh, kw))
+    else:  # a strided view copied once: F.unfold launches one im2col kernel per channel on a GPU
+        windows = padded.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 1, 4, 5, 2, 3)
+    windows = windows.reshape(g, c, inner * kh * kw, (2 * kh - 1) * (2 * kw - 1))
     rows = k5.reshape(g, c, inner * kh * kw)
     out = torch.einsum("gikl,gjk->gijl", windows, rows)
     return out.reshape(g, c, c, 2 * kh - 1, 2 * kw - 1)
