@@ -12,24 +12,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import stablenet.nn as snn
+from stablenet.bench.layers import _step_fn
 from stablenet.models import create_model
 
 
 def profile_steps(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, bf16: bool, rows: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-            loss = F.cross_entropy(out.float(), y) if y is not None else out.float().square().mean()
-        loss.backward()
-        opt.step()
+    step = _step_fn(model, x, "train_bf16" if bf16 else "train", y)  # the benchmark's training step
 
     for _ in range(3):
         step()

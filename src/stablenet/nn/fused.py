@@ -82,16 +82,6 @@ def _prescale(w64: Tensor, source_dtype: torch.dtype) -> Tensor | None:
     return torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
-def _dilate(w: Tensor, dilation: tuple[int, int]) -> Tensor:
-    dh, dw = dilation
-    if (dh, dw) == (1, 1):
-        return w
-    co, ci, kh, kw = w.shape
-    out = w.new_zeros(co, ci, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
-    out[:, :, ::dh, ::dw] = w
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- AOL
 class _AOLScaled(torch.autograd.Function):
     """``weight * d`` with AOL's input-channel scales ``d`` (``stablenet.spectral.rescaling.aol_conv_rescaling``).
@@ -107,7 +97,7 @@ class _AOLScaled(torch.autograd.Function):
             w64 = weight.detach().to(torch.float64)
             peak = _prescale(w64, weight.dtype)
             kn = w64 if peak is None else w64 / peak
-            kernel = _dilate(kn, dilation)
+            kernel = dilate_kernel(kn, dilation)
             # C^T C correlates the kernel's input-channel slices over the output channels of their group.
             k5 = kernel.reshape(groups, co // groups, ci_g, *kernel.shape[-2:]).transpose(1, 2)
             windows = _windows(k5)

@@ -158,9 +158,10 @@ def gram_iteration_max(weight: Tensor, max_iter: int = 14, *, tol: float = 1e-5)
     (Note [Gram pruning]):
 
     * from step ``FIRST_CHECK`` on, a **lower estimate** per matrix, :math:`\ell = (\|G_t x\|/\|x\|)^{2^{-t}}`
-      (rescaled), with :math:`x` the column of :math:`G_t` of largest norm: :math:`\|G_t\| \ge \|G_t x\|/\|x\|`
-      for any :math:`x`, and :math:`\|G_t\|^{2^{-t}} = \sigma_1` up to the rescaling. It is one power step on
-      :math:`G_t`, i.e. :math:`2^t` steps on :math:`W^H W`, so it is tight within a few iterations;
+      (rescaled), with :math:`x` the column of :math:`G_t` through its largest diagonal entry:
+      :math:`\|G_t\| \ge \|G_t x\|/\|x\|` for any :math:`x`, and :math:`\|G_t\|^{2^{-t}} = \sigma_1` up to
+      the rescaling. It is one power step on :math:`G_t`, i.e. :math:`2^t` steps on :math:`W^H W`, so it is
+      tight within a few iterations;
     * a matrix whose upper bound :math:`u` is below ``(1 - PRUNE_MARGIN) * max(ell)`` cannot hold the maximum
       (its :math:`\sigma_1 \le u < \max \ell \le \max \sigma_1`), so it leaves the batch. On the circular
       spectra of ResNet-18's convolutions, after 4 to 6 full steps only a few frequencies remain.
@@ -262,7 +263,8 @@ class _Problem:
 class _GramGroup:
     """The matrices of one shape, dtype and device from every problem, iterated as one batch.
 
-    Per step the device does four operations (guard, rescale, square, Frobenius norm); the rescaling exponents
+    Per step the device squares, and rescales or takes Frobenius norms only where needed (Note [sparse
+    rescaling]); the rescaling exponents
     and the bounds are computed on the host at each check (Note [lockstep Gram]). ``owner[i]`` is the problem of
     matrix ``i``.
     """
