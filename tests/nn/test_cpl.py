@@ -14,8 +14,8 @@ from residual_cases import (
     spatial_size,
 )
 
-from stablenet.nn.cpl import CPLConv2d, CPLLinear
-from stablenet.spectral.conv import conv_spectral_norm
+from stablenet.nn.cpl import CPL_FFT_GRAM_ITERS, CPLConv2d, CPLLinear
+from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound
 
 #: float64 rounding of the Gram iteration: the bound may equal sigma_1 (rank one) and land an ulp below it.
 ROUNDING = 1e-12
@@ -75,8 +75,14 @@ def test_cpl_conv_bound_is_above_the_exact_norm(channels, inner, kernel, padding
         if padding_mode == "circular":  # per-frequency Gram bound: nearly exact
             assert bound <= exact * 1.02, size
         elif min(size) >= kernel:  # the embedding bound of stablenet.spectral (which needs n >= k)
-            embed = conv_spectral_norm(weight, size, "zeros", method="embed", n_iter=6)
-            torch.testing.assert_close(bound, embed, rtol=1e-12, atol=0)
+            # on a CPU, "auto" verifies it by Cholesky factorisations; "gram" takes CPL_FFT_GRAM_ITERS steps
+            verified = conv_spectral_norm_upper_bound(weight, size, padding="zeros", method="cholesky")
+            assert float(bound) == verified, size
+            gram = CPLConv2d(channels, inner, kernel, input_size=size, method="gram").double()
+            with torch.no_grad():
+                gram.weight.copy_(weight)
+            embed = conv_spectral_norm(weight, size, "zeros", method="embed", n_iter=CPL_FFT_GRAM_ITERS)
+            torch.testing.assert_close(gram.norm_bound().detach(), embed, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)

@@ -222,3 +222,38 @@ def test_bf16_autocast_keeps_constraint_math_in_float32():
         assert torch.isfinite(out).all()
     bf16 = SpectralLinear(8, 8).to(torch.bfloat16)  # bf16 weights: the bound still runs in float32 or more
     assert float(torch.linalg.matrix_norm(bf16.constrained_weight().detach().double(), 2)) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+def test_bound_methods_agree_and_normalise_below_one(mode):
+    """Note [circular bound method]: "cholesky" (the CPU default) and "gram" are both above the exact norm, within
+    1e-4 of each other, and the normalised layer's exact norm is at most 1."""
+    torch.manual_seed(6)
+    kernel = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+    exact = _explicit_norm(conv, (3, 7, 7))
+    values = {}
+    for method in ("auto", "cholesky", "gram"):
+        layer = SpectralConv2d(3, 4, 3, padding=1, padding_mode=mode, input_size=7, method=method).double()
+        with torch.no_grad():
+            layer.weight.copy_(kernel)
+        values[method] = float(layer.constraint.bound(kernel))
+        assert values[method] >= exact
+        with torch.no_grad():
+            conv.weight.copy_(layer.constrained_weight())
+        assert _explicit_norm(conv, (3, 7, 7)) <= 1 + 1e-12
+    assert values["auto"] == values["cholesky"]
+    assert values["gram"] <= values["cholesky"] <= values["gram"] * (1 + 2e-4)
+
+
+def test_bound_method_bad_input():
+    with pytest.raises(ValueError, match="method must be one of auto, cholesky, gram"):
+        SpectralConv2d(2, 2, 3, padding=1, input_size=5, method="svd")
+    with pytest.raises(ValueError, match="needs input_size and no n_iter"):
+        SpectralConv2d(2, 2, 3, padding=1, method="cholesky")
+    with pytest.raises(ValueError, match="needs input_size and no n_iter"):
+        SpectralConv2d(2, 2, 3, padding=1, input_size=5, n_iter=3, method="cholesky")
+    with pytest.raises(ValueError, match=r"method applies to nn\.Conv2d only"):
+        lipschitz_spectral(nn.Linear(2, 3), method="gram")

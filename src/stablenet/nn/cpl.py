@@ -22,6 +22,12 @@ bound, so stopping early is sound, and train and eval compute the same value):
   both paddings and every input size); with ``input_size`` the tighter padding-aware bound at that size: the
   circular Gram bound for circular padding, and for zero padding the circular bound of the embedding of
   :math:`C` into a circular convolution on :math:`n + k//2` pixels (``conv_spectral_norm(method="embed")``).
+  With ``method="auto"`` that circular norm is verified by Cholesky factorisations on a CPU
+  (:func:`~stablenet.spectral.conv.circular_norm_bound`, within 1e-4 of exact, and much faster there than the
+  Gram iteration) and bounded by ``CPL_FFT_GRAM_ITERS`` Gram steps on other devices (no host synchronisation;
+  batched Cholesky factorisations are slow on GPUs). The two bounds differ (the Gram one is looser), so weights
+  moved between devices give slightly different steps, both 1-Lipschitz; ``method="gram"`` or ``"cholesky"``
+  fixes the choice.
 
 The bound is computed in float64 (Note [constraint precision] in ``stablenet.nn.base``) with autocast disabled
 and cached in eval mode (Note [eval cache] in ``stablenet.nn.base``). The residual machinery shared with SLL
@@ -38,7 +44,7 @@ from torch import Tensor
 from stablenet.nn.base import at_least_float32
 from stablenet.nn.residual import Residual
 from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
-from stablenet.spectral.conv import circular_gram_bound, spatial_gram_bound
+from stablenet.spectral.conv import CIRCULAR_BOUND_METHODS, circular_gram_bound, circular_norm_bound, spatial_gram_bound
 from stablenet.spectral.dense import gram_iteration
 
 __all__ = ["CPL_DENSE_GRAM_ITERS", "CPL_FFT_GRAM_ITERS", "CPL_SPATIAL_GRAM_ITERS", "CPLConv2d", "CPLLinear"]
@@ -46,7 +52,7 @@ __all__ = ["CPL_DENSE_GRAM_ITERS", "CPL_FFT_GRAM_ITERS", "CPL_SPATIAL_GRAM_ITERS
 #: Gram-iteration steps of the dense bound (a Schatten-:math:`2^{T+1}` norm: within ``rank**(1/128)`` of
 #: :math:`\sigma_1` for ``T = 6``).
 CPL_DENSE_GRAM_ITERS = 6
-#: Steps of the per-frequency Gram bound used with ``input_size``.
+#: Steps of the per-frequency Gram bound used with ``input_size`` off the CPU.
 CPL_FFT_GRAM_ITERS = 6
 #: Steps of the input-size-independent spatial Gram bound (its support grows as ``2**T (k - 1) + 1``).
 CPL_SPATIAL_GRAM_ITERS = 4
@@ -109,6 +115,8 @@ class CPLConv2d(_ResidualConv2d):
         padding_mode: ``"zeros"`` or ``"circular"``.
         input_size: ``None`` (default) for the bound valid at every input size; an int or ``(h, w)`` for the
             tighter padding-aware bound at that size, in which case other input sizes are refused.
+        method: how the size-specific bound is computed: ``"auto"`` (Cholesky on a CPU, Gram elsewhere),
+            ``"cholesky"`` or ``"gram"`` (see the module docstring).
 
     Example:
         >>> layer = CPLConv2d(2, 3, padding_mode="circular").double()
@@ -127,10 +135,17 @@ class CPLConv2d(_ResidualConv2d):
         padding_mode: str = "zeros",
         input_size: int | Sequence[int] | None = None,
         *,
+        method: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(channels, inner_channels, kernel_size, bias, padding_mode, device=device, dtype=dtype)
+        if method not in CIRCULAR_BOUND_METHODS or (method != "auto" and input_size is None):
+            raise ValueError(
+                f"method must be one of {', '.join(CIRCULAR_BOUND_METHODS)} ('auto' without input_size); "
+                f"got method={method!r}, input_size={input_size}"
+            )
+        self.method = method
         if input_size is not None:
             size = (input_size,) * 2 if isinstance(input_size, int) else tuple(input_size)
             if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
@@ -151,6 +166,8 @@ class CPLConv2d(_ResidualConv2d):
             if self.padding_mode == "zeros":
                 # The zero-padded operator is a submatrix of the circular one on n + p pixels (embedding bound).
                 h, w = h + self.padding[0], w + self.padding[1]
+            if self.method == "cholesky" or (self.method == "auto" and kernel5.device.type == "cpu"):
+                return circular_norm_bound(kernel5, (h, w), method="cholesky")
             return circular_gram_bound(kernel5, (h, w), CPL_FFT_GRAM_ITERS)  # folds a kernel larger than (h, w)
 
     def step(self) -> Tensor:
@@ -180,4 +197,4 @@ class CPLConv2d(_ResidualConv2d):
         return super().export()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input_size={self.input_size}"
+        return f"{super().extra_repr()}, input_size={self.input_size}, method={self.method!r}"

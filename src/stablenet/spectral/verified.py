@@ -335,12 +335,29 @@ def cholesky_circular_bound(
         >>> bool(exact <= bound <= exact * (1 + 1e-4 + 1e-9))
         True
     """
+    return _cholesky_bound(kernel5, size, rtol, max_rounds, max_batch_bytes, dtype, screen)[0]
+
+
+def _cholesky_bound(
+    kernel5: Tensor,
+    size: tuple[int, int],
+    rtol: float = 1e-4,
+    max_rounds: int = MAX_ROUNDS,
+    max_batch_bytes: int = 1 << 25,
+    dtype: torch.dtype = torch.float64,
+    screen: bool = True,
+) -> tuple[Tensor, int]:
+    """:func:`cholesky_circular_bound` and the index (group-major over the half spectrum, as in
+    :class:`_Spectrum`) of the probed matrix whose top eigenvalue estimate set the level: the argmax frequency, or
+    one whose top eigenvalue is within ``2 * rtol`` of the largest (every matrix was verified below the level)."""
     if not rtol > 0:
         raise ValueError(f"rtol must be a positive float; got {rtol!r}")
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32; got {dtype}")
     if not torch.isfinite(kernel5).all():
         raise ValueError("kernel contains NaN or Inf; a spectral norm needs finite weights")
+    if not kernel5.any():  # exactly 0 (the factorisations would verify a tiny positive level)
+        return torch.zeros((), dtype=torch.float64, device=kernel5.device), 0
     with torch.no_grad():
         spectrum = _Spectrum(kernel5.detach().to(dtype), size)
         diag = spectrum.diagonals()
@@ -350,8 +367,8 @@ def cholesky_circular_bound(
         # The first level: the top eigenvalues of the frequencies with the largest traces (free to rank).
         first = max(FIRST_PROBES, min(64, (1 << 18) // (c * c)))  # small matrices: probing many is cheap
         top = diag.sum(dim=1).topk(min(first, len(spectrum))).indices
-        level = float(_lanczos_top(spectrum.gram(top), PROBE_STEPS).max()) * grow
-        level = max(level, torch.finfo(dtype).tiny)  # an all-zero kernel: any positive level verifies
+        theta = _lanczos_top(spectrum.gram(top), PROBE_STEPS)
+        level, argmax = float(theta.max()) * grow, int(top[theta.argmax()])
         pending, probes, gram = torch.arange(len(spectrum), device=diag.device), 2, None
         if screen and dtype == torch.float64 and c <= SCREEN_MAX_CHANNELS:
             pending = _screen(spectrum, diag, level, batch_len)
@@ -372,12 +389,17 @@ def cholesky_circular_bound(
             ranked = pending[:batch_len] if gram is None else pending
             ranking = gram if gram is not None else spectrum.gram(ranked, out=buffer[: len(ranked)])
             top = _lanczos_top(ranking, RANK_STEPS).topk(min(probes, len(ranked))).indices
-            level = max(level, float(_lanczos_top(ranking[top], PROBE_STEPS).max()) * grow)
+            theta = _lanczos_top(ranking[top], PROBE_STEPS)
+            if float(theta.max()) * grow > level:
+                level, argmax = float(theta.max()) * grow, int(ranked[top[theta.argmax()]])
             probes *= 2
         if len(pending):  # every iterate of the Gram iteration is an upper bound: sound, only slower
             gram = spectrum.gram(pending).to(torch.complex128)
             gram.diagonal(dim1=-2, dim2=-1).copy_(diag[pending])
-            level = max(level, float(gram_iteration(gram, 14, tol=1e-6).max() * (1.0 + GRAM_ROUNDING_SLACK)))
+            bounds = gram_iteration(gram, 14, tol=1e-6) * (1.0 + GRAM_ROUNDING_SLACK)
+            if float(bounds.max()) > level:
+                level, argmax = float(bounds.max()), int(pending[bounds.argmax()])
         chol = _gamma(4 * (c + 1), unit)
         lam = (level + float(spectrum.err.max())) * (1.0 + 4 * unit + 2 * c * chol / (1.0 - chol))
-        return torch.tensor(math.sqrt(lam) * (1.0 + GRAM_ROUNDING_SLACK), dtype=torch.float64, device=diag.device)
+        bound = torch.tensor(math.sqrt(lam) * (1.0 + GRAM_ROUNDING_SLACK), dtype=torch.float64, device=diag.device)
+        return bound, argmax
