@@ -224,6 +224,12 @@ def test_upper_bounds_bad_problem():
         conv_spectral_norm_upper_bounds([{"kernel": torch.ones(2, 2, 3, 3)}])
     with pytest.raises(ValueError, match="needs 'kernel' and 'input_size'"):
         conv_spectral_norm_upper_bounds([{"kernel": torch.ones(2, 2, 3, 3), "input_size": 5, "pad": 1}])
+    for bad in (float("nan"), float("inf")):  # one check for all kernels, whichever holds it, by every method
+        kernels = [torch.ones(2, 2, 3, 3), torch.ones(3, 2, 3, 3), torch.ones(2, 3, 1, 1)]
+        kernels[1][2, 1, 0, 2] = bad
+        for method in ("auto", "embed", "gram", "svd", "cholesky"):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                conv_spectral_norm_upper_bounds([{"kernel": k, "input_size": 5} for k in kernels], method=method)
 
 
 # (groups, c_out/g, c_in/g, kh, kw) and the circular size: groups, a 1-wide axis, 1x1, a kernel larger than the

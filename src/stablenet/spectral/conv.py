@@ -79,6 +79,15 @@ def _tuple(value: int | Sequence[int], nd: int, name: str, minimum: int = 1) -> 
     return out
 
 
+def _check_finite(kernels: Sequence[Tensor]) -> None:
+    """``ValueError`` if any kernel holds NaN or Inf; one host synchronisation per device for all of them."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for kernel in kernels:
+        by_device.setdefault(kernel.device, []).append(torch.isfinite(kernel).all())
+    if not all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        raise ValueError("kernel contains NaN or Inf; a spectral norm needs finite weights")
+
+
 class _Conv:
     """A validated convolution: kernel as ``(groups, c_out/g, c_in/g, kh, kw)`` (dilated), sizes, paddings."""
 
@@ -91,6 +100,7 @@ class _Conv:
         stride: int | Sequence[int],
         dilation: int | Sequence[int],
         groups: int,
+        check_finite: bool = True,
     ) -> None:
         if not isinstance(kernel, Tensor) or kernel.dim() not in (3, 4):
             shape = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
@@ -99,8 +109,8 @@ class _Conv:
             )
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(map(repr, PADDINGS))}; got {padding!r}")
-        if not torch.isfinite(kernel).all():
-            raise ValueError("kernel contains NaN or Inf; a spectral norm needs finite weights")
+        if check_finite:  # a host synchronisation: callers with many kernels check them all at once
+            _check_finite([kernel])
         self.one_d = kernel.dim() == 3
         nd = 1 if self.one_d else 2
         if self.one_d:
@@ -523,25 +533,29 @@ def conv_spectral_norm_upper_bounds(
     defaults = {"padding": "zeros", "padding_size": "same", "stride": 1, "dilation": 1, "groups": 1}
     results: list[float | None] = [None] * len(problems)
     lockstep: list[tuple[int, Tensor]] = []
+    parsed = []
+    for problem in problems:
+        unknown = set(problem) - {"kernel", "input_size", *defaults}
+        if unknown or not {"kernel", "input_size"} <= set(problem):
+            raise ValueError(
+                f"a convolution problem needs 'kernel' and 'input_size' and accepts {', '.join(defaults)}; "
+                f"got keys {sorted(problem)}"
+            )
+        args = {**defaults, **problem}
+        allowed = ("auto", "cholesky", "gram", "svd") + (("embed",) if args["padding"] == "zeros" else ())
+        if method not in allowed:
+            raise ValueError(
+                f"a certified bound for padding {args['padding']!r} needs method in {', '.join(allowed)}; "
+                f"got {method!r}"
+            )
+        if not isinstance(args["kernel"], Tensor):
+            raise ValueError(f"kernel must be a tensor; got {type(args['kernel']).__name__}")
+        parsed.append(args)
+    _check_finite([args["kernel"] for args in parsed])  # one host synchronisation, not one per kernel
     with torch.no_grad():
-        for i, problem in enumerate(problems):
-            unknown = set(problem) - {"kernel", "input_size", *defaults}
-            if unknown or not {"kernel", "input_size"} <= set(problem):
-                raise ValueError(
-                    f"a convolution problem needs 'kernel' and 'input_size' and accepts {', '.join(defaults)}; "
-                    f"got keys {sorted(problem)}"
-                )
-            args = {**defaults, **problem}
+        for i, args in enumerate(parsed):
             padding = args["padding"]
-            allowed = ("auto", "cholesky", "gram", "svd") + (("embed",) if padding == "zeros" else ())
-            if method not in allowed:
-                raise ValueError(
-                    f"a certified bound for padding {padding!r} needs method in {', '.join(allowed)}; got {method!r}"
-                )
-            kernel = args["kernel"]
-            if not isinstance(kernel, Tensor):
-                raise ValueError(f"kernel must be a tensor; got {type(kernel).__name__}")
-            k64 = kernel.detach().to(torch.float64)
+            k64 = args["kernel"].detach().to(torch.float64)
             conv = _Conv(
                 k64,
                 args["input_size"],
@@ -550,6 +564,7 @@ def conv_spectral_norm_upper_bounds(
                 args["stride"],
                 args["dilation"],
                 args["groups"],
+                check_finite=False,
             )
             if method == "gram" and padding == "zeros":
                 results[i] = float(spatial_gram_bound(conv.grouped, n_iter or 4)) * (1.0 + GRAM_ROUNDING_SLACK)
