@@ -294,3 +294,52 @@ def test_square_in_place_of_a_non_contiguous_batch():
     expected = m @ m
     torch.testing.assert_close(_square_in_place(m), expected)
     torch.testing.assert_close(_square_in_place(m.contiguous()), expected)
+
+
+@pytest.mark.parametrize(
+    "shape,size", [((2, 3, 4, 5, 5), (9, 9)), ((1, 5, 5, 1, 5), (3, 17)), ((1, 4, 4, 5, 3), (17, 8))]
+)
+def test_half_symbol_is_the_rfft2_of_the_rolled_taps(shape, size):
+    """The phase GEMM equals padding the taps, rolling the centre to index 0 and rfft2, values and gradients."""
+    import torch.nn.functional as F
+
+    from stablenet.spectral.rescaling import _half_symbol
+
+    torch.manual_seed(15)
+    taps = torch.randn(*shape, dtype=F64, requires_grad=True)
+    a, b = shape[-2:]
+    padded = F.pad(taps, (0, size[1] - b, 0, size[0] - a))
+    reference = torch.fft.rfft2(torch.roll(padded, (-(a // 2), -(b // 2)), (-2, -1))).permute(0, 3, 4, 1, 2)
+    symbol = _half_symbol(taps, size)
+    torch.testing.assert_close(symbol, reference, rtol=0, atol=1e-13)
+    upstream = torch.randn_like(symbol)
+    (grad,) = torch.autograd.grad((symbol * upstream).real.sum(), taps)
+    (expected,) = torch.autograd.grad((reference * upstream).real.sum(), taps)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape,groups,n_iter", [((6, 4, 3, 3), 1, 3), ((6, 2, 3, 3), 3, 2), ((4, 4, 3, 1), 1, 4)])
+def test_hermitian_squaring_gives_autograds_gradients_and_hessian_vector_products(dtype, shape, groups, n_iter):
+    """Note [Hermitian squaring]: the one-product backward gives the kernel the gradient and the Hessian-vector
+    product of the plain squaring (torch.func runs the plain product), on the unscaled (float64) and rescaled
+    (float32) paths; gradcheck in float64."""
+    torch.manual_seed(16)
+    kernel = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(shape[0], dtype=dtype)
+    direction = torch.randn_like(kernel)
+
+    def loss(k):
+        return (sr_conv_rescaling(k, n_iter, groups) * upstream).sum()
+
+    (grad,) = torch.autograd.grad(loss(kernel), kernel, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * direction).sum(), kernel)
+    expected_grad = torch.func.grad(loss)(kernel.detach())
+    expected_hvp = torch.func.jvp(torch.func.grad(loss), (kernel.detach(),), (direction,))[1]
+    tol = 1e-12 if dtype == F64 else 1e-4
+    torch.testing.assert_close(grad.detach(), expected_grad, rtol=tol, atol=tol * float(expected_grad.abs().max()))
+    torch.testing.assert_close(hvp, expected_hvp, rtol=tol, atol=tol * float(expected_hvp.abs().max()))
+    if dtype == F64:
+        assert torch.autograd.gradcheck(
+            lambda k: sr_conv_rescaling(k, n_iter, groups), (kernel.detach().requires_grad_(),)
+        )
