@@ -249,14 +249,23 @@ def _square_in_place(m: Tensor, chunk: int = 16) -> Tensor:
     return m
 
 
+#: Matrices per chunk of the fused projection and product in the CPU backward of a Hermitian squaring.
+_SQUARE_CHUNK = 8
+
+
 # Note [Hermitian squaring]
 # The symbols squared by conv_gram_power_rowsums are Hermitian at every frequency (the symbol of a self-adjoint
 # operator; G[-s] = G[s]^T), and so is every perturbation the kernel can cause. For Y = M M, autograd's gradient
 # G M^H + M^H G differs from S M + M S, with S = (G + G^H) / 2, by the anti-Hermitian A M + M A (A = G - S),
-# which is orthogonal to every Hermitian perturbation: the kernel's gradient is unchanged. And S M + M S = X + X^H
-# with X = S M, one product instead of two; the gradient passed on is Hermitian again, so every earlier squaring
-# projects nothing new. Two of the six complex batched products of an SR training step (T = 3) are saved. The
-# backward is written in differentiable operations, so gradients of gradients follow; under torch.func
+# which is orthogonal to every Hermitian perturbation E. And S M + M S = X + X^H with X = S M, whose inner
+# product with a Hermitian E equals that of 2 X (<X^H, E> = Re tr(X E) = Re tr((X E)^H) = Re tr(E X^H) = <X, E>),
+# so the backward returns 2 S M = (G + G^H) M: one product instead of two, and the kernel's gradient is
+# unchanged because every consumer of that gradient only pairs it with Hermitian perturbations (an earlier
+# squaring projects it again; the first symbol's backward, a product K K^H or the real Gram kernel's taps with
+# G[-s] = G[s]^T, annihilates anti-Hermitian parts). Two of the six complex batched products of an SR training
+# step (T = 3) are saved. On a CPU the projection is fused with the product in chunks that stay in cache (the
+# transposed read of a full batch costs most of a product). Without create_graph the backward writes into one
+# buffer; with it, it is one differentiable expression, so gradients of gradients follow. Under torch.func
 # transforms (which need their own autograd.Function protocol) the plain product runs.
 class _HermitianSquare(torch.autograd.Function):
     @staticmethod
@@ -267,8 +276,14 @@ class _HermitianSquare(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (m,) = ctx.saved_tensors
-        x = (grad + grad.mH) @ m  # 2 S M
-        return 0.5 * (x + x.mH)
+        if torch.is_grad_enabled() or grad.device.type != "cpu":
+            return (grad + grad.mH) @ m  # 2 S M
+        flat_grad, flat_m = grad.reshape(-1, *grad.shape[-2:]), m.reshape(-1, *m.shape[-2:])
+        out = torch.empty(flat_m.shape, dtype=m.dtype, device=m.device)
+        for start in range(0, len(out), _SQUARE_CHUNK):
+            part = flat_grad[start : start + _SQUARE_CHUNK]
+            torch.matmul(part + part.mH, flat_m[start : start + _SQUARE_CHUNK], out=out[start : start + _SQUARE_CHUNK])
+        return out.view(m.shape)
 
 
 def _hermitian_square(m: Tensor) -> Tensor:
@@ -281,8 +296,8 @@ def _hermitian_square(m: Tensor) -> Tensor:
 # Note [unscaled spatial Gram]
 # When no iterate can overflow, conv_gram_power_rowsums skips the per-step rescaling (a pass over the spectrum
 # and a reduction per step, forward and backward) and computes G_1 in space with one real GEMM (conv_gram_kernel)
-# instead of the complex product of the kernel's spectrum with itself, then moves it to the Fourier domain at the
-# size of G_T (its taps at offsets -(k-1) ... k-1 rolled to indices modulo the size).
+# instead of the complex product of the kernel's spectrum with itself, then takes its symbol at the size of G_T
+# by one GEMM with the phases of its taps at offsets -(k-1) ... k-1 (_half_symbol).
 # The bound: with the kernel divided by its largest entry, every entry of G_1 is at most a_1 = c_in k_h k_w
 # (c_in the inner channel count), every entry of its symbol at most S a_1 (S = (2k_h-1)(2k_w-1) taps), a
 # squaring of c x c symbols maps a bound a to c a^2, and a row sum of |G_T| adds c N_h N_w entries. The unscaled
