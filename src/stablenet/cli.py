@@ -179,6 +179,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="spectral suite only: comma-separated method rows to run (default: all; see stablenet.bench.spectral)",
     )
+    p.add_argument(
+        "--bound-method",
+        default=None,
+        help="layers suite only: how spectral and CPL layers bound their circular norm: auto (default), cholesky, gram",
+    )
     p.add_argument("--json", default=None, help="write the rows to this JSON Lines file")
     _add_quiet(p)
 
@@ -546,6 +551,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.suite != "spectral":
             raise ValueError(f"--methods applies to the spectral suite only; got it with {args.suite!r}")
         extra["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.bound_method is not None:
+        if args.suite != "layers":
+            raise ValueError(f"--bound-method applies to the layers suite only; got it with {args.suite!r}")
+        extra["bound_method"] = args.bound_method
     run, header, format_row = _bench_suite(args.suite)
     rows = run(
         quick=args.quick,

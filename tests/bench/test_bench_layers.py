@@ -128,3 +128,29 @@ def test_cli_families(capsys):
     assert "--families applies to the layers suite only" in capsys.readouterr().err
     assert main(["bench", "layers", "--quick", "--families", "bogus"]) == 2
     assert "families must be among" in capsys.readouterr().err
+
+
+def test_bound_method_reaches_the_layers_and_rows(monkeypatch):
+    """Note [circular bound method]: ``bound_method`` builds the spectral and CPL layers with it and is recorded."""
+    built = []
+    pair = layers._layer_pair
+
+    def spy(family, width, size, bound_method="auto"):
+        layer, plain, shape = pair(family, width, size, bound_method)
+        module = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
+        built.append((family, getattr(getattr(module, "constraint", module), "method", None)))
+        return layer, plain, shape
+
+    monkeypatch.setattr(layers, "_layer_pair", spy)
+    rows = bench_layers(device="cpu", config=tiny_config(), families=["spectral", "cpl", "aol"], bound_method="gram")
+    assert sorted(built) == [("aol", None), ("cpl", "gram"), ("spectral", "gram")]
+    assert {r["layer"]: r.get("bound_method") for r in rows} == {"spectral": "gram", "cpl": "gram", "aol": None}
+    with pytest.raises(ValueError, match="bound_method must be one of auto, cholesky, gram; got 'svd'"):
+        bench_layers(device="cpu", config=tiny_config(), families=["cpl"], bound_method="svd")
+
+
+def test_cli_bound_method(capsys):
+    assert main(["bench", "spectral", "--quick", "--bound-method", "gram"]) == 2
+    assert "--bound-method applies to the layers suite only" in capsys.readouterr().err
+    assert main(["bench", "layers", "--quick", "--families", "cpl", "--bound-method", "bogus"]) == 2
+    assert "bound_method must be one of" in capsys.readouterr().err

@@ -231,3 +231,30 @@ def test_gram_iteration_max_deep_on_flat_spectra_does_not_underflow(dtype):
     upper = 256 ** (2.0**-15)  # the Gram bound of a flat spectrum after 14 squarings: rank^(2^-(T+1))
     for value in (bound, *many):
         assert exact * (1 - slack) <= value <= upper * (1 + slack)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("n_iter", [1, 3, 6])
+def test_gram_iteration_amax_value_gradient_and_hessian_vector_product(dtype, n_iter):
+    """The batched value exactly, and autograd-through-the-batch's gradient and Hessian-vector product (one matrix
+    iterated with autograd; Note [gradient of the maximum])."""
+    from stablenet.spectral.dense import gram_iteration_amax
+
+    torch.manual_seed(12 + n_iter)
+    weight = torch.randn(2, 15, 6, 5, dtype=dtype)
+    weight[1, 4] *= 3.0  # a clear maximum, at flat index 19
+    weight.requires_grad_()
+    direction = torch.randn_like(weight)
+    value = gram_iteration_amax(weight, n_iter)
+    reference = gram_iteration(weight, n_iter).amax()
+    assert torch.equal(value.detach(), reference.detach())
+    with torch.no_grad():
+        assert torch.equal(gram_iteration_amax(weight, n_iter), reference.detach())
+    grads = []
+    for bound in (value, reference):
+        (grad,) = torch.autograd.grad(bound, weight, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad.conj() * direction).real.sum(), weight)
+        grads.append((grad.detach(), hvp))
+    for ours, theirs in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * float(theirs.abs().max()))
+    assert grads[0][0].reshape(30, 6, 5)[torch.arange(30) != 19].abs().max() == 0

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablenet.nn.graphs import capture_weight_maps
+from stablenet.spectral.conv import CIRCULAR_BOUND_METHODS
 
 __all__ = [
     "HEADER",
@@ -88,6 +89,8 @@ class LayersBenchConfig:
         model: a registry name of an SLL or CPL network (``None``: no model rows).
         model_options: options passed to ``create_model`` (e.g. a smaller width for smoke tests).
         bf16_batch_size: batch of the bf16 autocast training rows (CUDA only).
+        bound_method: how spectral and CPL layers bound their circular norm (``"auto"``, ``"cholesky"`` or
+            ``"gram"``; Note [circular bound method] in ``stablenet.nn.spectral_norm``); recorded in their rows.
         warmup: untimed runs before the timed ones.
         repeats: timed runs (median reported).
     """
@@ -99,6 +102,7 @@ class LayersBenchConfig:
     model: str | None = "sll_s"
     model_options: dict[str, Any] = field(default_factory=dict)
     bf16_batch_size: int = 512
+    bound_method: str = "auto"
     warmup: int = 3
     repeats: int = 10
 
@@ -185,11 +189,13 @@ def _layer_class(family: str) -> type[nn.Module]:
         raise ImportError(f"layer family {family!r} needs {module_name}.{class_name}, which is missing: {e}") from e
 
 
-def _layer_pair(family: str, width: int, size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+def _layer_pair(
+    family: str, width: int, size: int, bound_method: str = "auto"
+) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """``(layer, plain twin, input shape without batch)`` of one family at one width."""
     cls = _layer_class(family)
     if family in ("sll", "cpl"):
-        kw = {"input_size": (size, size)} if family == "cpl" else {}
+        kw = {"input_size": (size, size), "method": bound_method} if family == "cpl" else {}
         return cls(width, **kw), PlainResidualConv2d(width), (width, size, size)
     if family == "orthogonal":
         features = 16 * width
@@ -202,7 +208,7 @@ def _layer_pair(family: str, width: int, size: int) -> tuple[nn.Module, nn.Modul
         layer = cls(width, width, 3)
         plain = nn.Conv2d(width, width, 3, padding=1, padding_mode="circular")
     else:
-        kw = {"input_size": (size, size)} if family == "spectral" else {}
+        kw = {"input_size": (size, size), "method": bound_method} if family == "spectral" else {}
         layer = cls(width, width, 3, padding=1, **kw)
         plain = nn.Conv2d(width, width, 3, padding=1)
     return nn.Sequential(layer, nn.ReLU()), nn.Sequential(plain, nn.ReLU()), (width, size, size)
@@ -358,6 +364,7 @@ def bench_layers(
     config: LayersBenchConfig | None = None,
     batch_size: int | None = None,
     families: Sequence[str] | None = None,
+    bound_method: str | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -370,6 +377,7 @@ def bench_layers(
         config: the sizes (default: :func:`default_config`).
         batch_size: replaces the config's batch size (e.g. a smaller one on a CPU).
         families: run only these layer families and, if its name is listed, the config's model.
+        bound_method: replaces the config's ``bound_method`` (``"auto"``, ``"cholesky"`` or ``"gram"``).
         seed: seed of the random weights and inputs.
         progress: called with one line per row.
 
@@ -395,6 +403,10 @@ def bench_layers(
             families=tuple(f for f in LAYER_FAMILIES if f in families),
             model=cfg.model if cfg.model in families else None,
         )
+    if bound_method is not None:
+        if bound_method not in CIRCULAR_BOUND_METHODS:
+            raise ValueError(f"bound_method must be one of {', '.join(CIRCULAR_BOUND_METHODS)}; got {bound_method!r}")
+        cfg = replace(cfg, bound_method=bound_method)
     for family in cfg.families:
         _layer_class(family)  # fail before measuring anything
     torch.manual_seed(seed)
@@ -416,11 +428,12 @@ def bench_layers(
     n, size = cfg.batch_size, cfg.image_size
     for family in cfg.families:
         for width in cfg.widths:
-            layer, plain, shape = _layer_pair(family, width, size)
+            layer, plain, shape = _layer_pair(family, width, size, cfg.bound_method)
             layer, plain = layer.to(device), plain.to(device)
             x = torch.randn(n, *shape, device=device)
+            extra = {"bound_method": cfg.bound_method} if family in ("spectral", "cpl") else {}
             for mode in ("train", "eval"):
-                emit(_compare(family, layer, plain, x, mode, cfg, width=width))
+                emit(_compare(family, layer, plain, x, mode, cfg, width=width, **extra))
             if device.type == "cuda" and family in GRAPH_FAMILIES:
                 emit_graphed(family, layer, plain, x, "train_graphs", cfg, width=width)
             del layer, plain, x

@@ -12,6 +12,7 @@ from stablenet.spectral.conv import (
 from stablenet.spectral.dense import (
     GRAM_ROUNDING_SLACK,
     gram_iteration,
+    gram_iteration_amax,
     gram_iteration_max,
     gram_iteration_max_many,
     power_iteration,
@@ -51,6 +52,7 @@ __all__ = [
     "conv_spectral_norm_upper_bounds",
     "dilate_kernel",
     "gram_iteration",
+    "gram_iteration_amax",
     "gram_iteration_max",
     "gram_iteration_max_many",
     "gram_spectrum",

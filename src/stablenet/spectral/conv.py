@@ -40,7 +40,7 @@ from torch import Tensor
 
 from stablenet.spectral.dense import (
     GRAM_ROUNDING_SLACK,
-    gram_iteration,
+    gram_iteration_amax,
     gram_iteration_max,
     gram_iteration_max_many,
     power_iteration,
@@ -263,7 +263,7 @@ def circular_gram_bound(kernel5: Tensor, size: tuple[int, int], n_iter: int | No
     spectrum = _circular_matrices(kernel5, size)
     if n_iter is None:
         return gram_iteration_max(spectrum, GRAM_MAX_ITER, tol=GRAM_TOL)
-    return gram_iteration(spectrum, n_iter).amax()
+    return gram_iteration_amax(spectrum, n_iter)
 
 
 #: Methods of :func:`circular_norm_bound`.
