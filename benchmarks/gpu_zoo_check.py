@@ -22,6 +22,7 @@ from torch import nn
 
 import stablenet.nn as snn
 from stablenet.nn import LAYER_ROUNDING_SLACK
+from stablenet.nn.graphs import capturable
 from stablenet.precision import ieee_float32
 
 C, H = 16, 8
@@ -39,6 +40,10 @@ LAYERS = {
     "OrthogonalLinear-bjorck": (lambda: snn.OrthogonalLinear(256, 256), (256,)),
     "OrthogonalLinear-cayley": (lambda: snn.OrthogonalLinear(256, 256, method="cayley"), (256,)),
     "CayleyConv2d": (lambda: snn.CayleyConv2d(C, C, 3), (C, H, H)),
+    # the capturable configurations of the Gram-bounded layers (Note [captured weight maps])
+    "CPLConv2d-sized": (lambda: snn.CPLConv2d(C, 32, input_size=H), (C, H, H)),
+    "SpectralLinear-fixed": (lambda: snn.SpectralLinear(256, 256, n_iter=6), (256,)),
+    "SpectralConv2d-fixed": (lambda: snn.SpectralConv2d(C, C, 3, padding=1, input_size=H, n_iter=6), (C, H, H)),
 }
 
 
@@ -52,7 +57,7 @@ def measured(layer: nn.Module, shape: tuple[int, ...], device: torch.device, n_p
     return worst
 
 
-GRAPHED = ("SLLLinear", "SLLConv2d", "AOLLinear", "AOLConv2d", "SRLinear", "SRConv2d")
+GRAPHED = tuple(name for name, (factory, _) in LAYERS.items() if capturable(factory()))
 
 
 def graphed_matches_eager(name: str, device: torch.device, steps: int = 3) -> float:

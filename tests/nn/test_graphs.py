@@ -10,7 +10,7 @@ from torch import nn
 
 import stablenet.nn as snn
 from stablenet.models import create_model
-from stablenet.nn import graphs
+from stablenet.nn import graphs, spectral_norm
 from stablenet.nn.graphs import CapturedWeightMap, capturable, capture_weight_maps
 from stablenet.train.config import TrainConfig
 
@@ -20,10 +20,57 @@ def test_capturable_layers():
     assert capturable(snn.SLLLinear(4, 5))
     assert capturable(snn.AOLConv2d(4, 4, 3, padding=1))
     assert capturable(snn.SRLinear(4, 4))
-    # host synchronisation (adaptive Gram iteration, input checks): eager
-    assert not capturable(snn.SpectralConv2d(4, 4, 3, padding=1))
-    assert not capturable(snn.CPLConv2d(4, 5))
+    assert capturable(snn.CPLConv2d(4, 5))
+    assert capturable(snn.CPLConv2d(4, 5, input_size=8))  # "auto": the fixed-step Gram iteration off the CPU
+    assert capturable(snn.CPLLinear(4, 5))
+    assert capturable(snn.SpectralConv2d(4, 4, 3, padding=1))  # the size-independent spatial bound
+    assert capturable(snn.SpectralConv2d(4, 4, 3, padding=1, input_size=8, n_iter=6))
+    assert capturable(snn.SpectralLinear(4, 4, n_iter=5))
+    # host synchronisation (the adaptive Gram iteration's stopping test, the Cholesky verification): eager
+    assert not capturable(snn.SpectralConv2d(4, 4, 3, padding=1, input_size=8))
+    assert not capturable(snn.SpectralConv2d(4, 4, 3, padding=1, input_size=8, method="cholesky"))
+    assert not capturable(snn.SpectralLinear(4, 4))
+    assert not capturable(snn.CPLConv2d(4, 5, input_size=8, method="cholesky"))
     assert not capturable(nn.Conv2d(4, 4, 3))
+
+
+# Capturable maps, in the configuration they take on a GPU (where "auto" means the Gram iteration).
+CAPTURABLE = [
+    (lambda: snn.SLLConv2d(3, 4), (3, 6, 6)),
+    (lambda: snn.SLLLinear(6, 8), (6,)),
+    (lambda: snn.AOLConv2d(3, 5, 3, padding=1), (3, 6, 6)),
+    (lambda: snn.SRConv2d(3, 3, 3, padding=1), (3, 6, 6)),
+    (lambda: snn.CPLConv2d(3, 4), (3, 6, 6)),
+    (lambda: snn.CPLConv2d(3, 4, input_size=6, method="gram"), (3, 6, 6)),
+    (lambda: snn.CPLLinear(6, 8), (6,)),
+    (lambda: snn.SpectralConv2d(3, 4, 3, padding=1), (3, 6, 6)),
+    (lambda: snn.SpectralConv2d(3, 4, 3, padding=1, input_size=6, n_iter=5, method="gram"), (3, 6, 6)),
+    (lambda: snn.SpectralLinear(6, 8, n_iter=4), (6,)),
+]
+
+
+@pytest.mark.parametrize("factory, shape", CAPTURABLE)
+def test_capturable_maps_read_nothing_back_to_the_host(monkeypatch, factory, shape):
+    """A capture fails on any device-to-host read. The Python-level reads (item, bool, float, int, tolist, numpy)
+    are made to raise while the map and its backward run; reads inside single operators (boolean masks,
+    nonzero) are not seen here, and the code of these maps uses none."""
+    torch.manual_seed(1)
+    layer = factory().double().train()
+    assert capturable(layer)
+    x = torch.randn(2, *shape, dtype=torch.float64)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read in a capturable weight map")
+
+    monkeypatch.setattr(spectral_norm, "_capturing", lambda t: True)  # what a capture on a GPU sees
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    out = layer(x)  # train mode: the map runs, forward and backward
+    out.square().sum().backward()
+    monkeypatch.undo()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 
 def test_capture_counts_layers_and_turns_off():
@@ -44,15 +91,7 @@ def test_graphs_do_not_apply_on_cpu():
     assert layer.weight.grad is not None
 
 
-@pytest.mark.parametrize(
-    "factory, shape",
-    [
-        (lambda: snn.SLLConv2d(3, 4), (3, 6, 6)),
-        (lambda: snn.SLLLinear(6, 8), (6,)),
-        (lambda: snn.AOLConv2d(3, 5, 3, padding=1), (3, 6, 6)),
-        (lambda: snn.SRConv2d(3, 3, 3, padding=1), (3, 6, 6)),
-    ],
-)
+@pytest.mark.parametrize("factory, shape", CAPTURABLE)
 def test_substituted_map_gives_eager_values_and_gradients(monkeypatch, factory, shape):
     """The captured function reads the graph's inputs in place of the parameters: same outputs and gradients."""
     calls = []

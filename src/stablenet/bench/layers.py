@@ -64,7 +64,7 @@ __all__ = [
 LAYER_FAMILIES = ("sll", "cpl", "aol", "sr", "spectral", "cayley", "orthogonal")
 
 #: Families whose weight maps ``capture_weight_maps`` records as CUDA graphs (``train_graphs`` rows on a GPU).
-GRAPH_FAMILIES = ("sll", "aol", "sr")
+GRAPH_FAMILIES = ("sll", "cpl", "aol", "sr")
 
 _CLASSES = {
     "sll": ("stablenet.nn.sll", "SLLConv2d"),

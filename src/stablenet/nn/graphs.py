@@ -11,8 +11,13 @@ eval-mode equality are unchanged.
 
 It is opt-in (``train.cuda_graphs`` in a training config) because graphs have limits that eager code has not:
 
-* only maps without host synchronisation are captured: AOL, SLL and SR layers, and spectral layers with a
-  fixed ``n_iter`` (the adaptive Gram iteration reads its stopping test on the host); other layers keep eager;
+* only maps without host synchronisation are captured: AOL, SLL and SR layers, CPL layers (unless
+  ``method="cholesky"``), and spectral layers with a fixed ``n_iter`` or the size-independent bound (the
+  adaptive Gram iteration reads its stopping test on the host, the Cholesky verification its results); other
+  layers keep eager. The fixed-step Gram maximum selects its argmax on the device
+  (``stablenet.spectral.dense.gram_iteration_amax``). That CPL and spectral maps capture has been checked on
+  CPUs only (tests/nn/test_graphs.py: no host reads, same values); ``benchmarks/gpu_zoo_check.py`` checks them
+  on a GPU;
 * a graphed map cannot be differentiated twice (no ``create_graph=True`` through it: Hessian-vector products
   and gradient penalties in train mode need it off); eval mode, ``torch.func`` transforms, ``torch.compile``
   and CPU tensors use the eager map;
@@ -91,10 +96,13 @@ def _capture(module: nn.Module, params: Sequence[Tensor], compute: Callable[[], 
 def capturable(module: nn.Module) -> bool:
     """Whether ``module`` has a weight map that :func:`capture_weight_maps` can record (no host synchronisation)."""
     from stablenet.nn.constrained import ConstrainedConv2d, ConstrainedLinear
+    from stablenet.nn.cpl import CPLConv2d, CPLLinear
     from stablenet.nn.sll import SLLConv2d, SLLLinear
 
-    if isinstance(module, (SLLConv2d, SLLLinear)):
+    if isinstance(module, (SLLConv2d, SLLLinear, CPLLinear)):
         return True
+    if isinstance(module, CPLConv2d):
+        return module.method != "cholesky"
     if isinstance(module, (ConstrainedLinear, ConstrainedConv2d)):
         return bool(getattr(module.constraint, "capturable", False))
     return False

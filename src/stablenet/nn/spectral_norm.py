@@ -121,6 +121,11 @@ class DenseSpectralConstraint(Constraint):
         super().__init__()
         self.n_iter = _check_n_iter(n_iter)
 
+    @property
+    def capturable(self) -> bool:  # type: ignore[override]
+        """A fixed ``n_iter`` has no host synchronisation (Note [captured weight maps] in ``stablenet.nn.graphs``)."""
+        return self.n_iter is not None
+
     def bound(self, weight: Tensor) -> Tensor:
         """The float64 upper bound :math:`\\hat\\sigma` (differentiable; Note [bound precision])."""
         if weight.dim() != 2:
@@ -142,6 +147,12 @@ class DenseSpectralConstraint(Constraint):
 def _dilated_kernel_size(kernel: Tensor, dilation: tuple[int, int]) -> tuple[int, int]:
     kh, kw = kernel.shape[-2:]
     return dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether ``t``'s device is recording a CUDA graph (Note [captured weight maps] in ``stablenet.nn.graphs``);
+    the graph then skips the finiteness check, and NaN weights give NaN outputs as in a plain layer."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def conv_bound(kernel: Tensor, geometry: ConvGeometry, n_iter: int | None = None, method: str = "auto") -> Tensor:
@@ -167,6 +178,7 @@ def conv_bound(kernel: Tensor, geometry: ConvGeometry, n_iter: int | None = None
         geometry.stride,
         geometry.dilation,
         geometry.groups,
+        check_finite=not _capturing(k64),  # a host read, which a CUDA graph capture refuses
     )
     if fits and geometry.padding_mode == "zeros":
         return circular_norm_bound(conv.grouped, _embedding_size(conv), n_iter, method=method)
@@ -218,6 +230,12 @@ class ConvSpectralConstraint(Constraint):
         self.geometry = geometry
         self.n_iter = _check_n_iter(n_iter)
         self.method = _check_method(method, n_iter, geometry)
+
+    @property
+    def capturable(self) -> bool:  # type: ignore[override]
+        """No host synchronisation (Note [captured weight maps] in ``stablenet.nn.graphs``): the spatial bound, or
+        a fixed ``n_iter`` of the Gram iteration (``"auto"`` uses it off the CPU, where graphs run)."""
+        return self.method != "cholesky" and (self.n_iter is not None or self.geometry.input_size is None)
 
     def bound(self, kernel: Tensor) -> Tensor:
         """The float64 upper bound :math:`\\hat\\sigma` (differentiable; Note [bound precision])."""
