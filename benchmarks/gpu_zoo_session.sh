@@ -3,7 +3,8 @@
 #   1. benchmarks/gpu_zoo_check.py: every layer's measured Lipschitz constant with TF32 on, and CUDA-graphed
 #      training (stablenet.nn.capture_weight_maps) against eager training;
 #   2. `stablenet bench layers` three times (medians of the three runs go in the notes);
-#   3. benchmarks/zoo_profile.py: where sll_s's bf16 step spends its GPU time.
+#   3. spectral layers with a fixed Gram step count (capturable), and the ResNet-18 bound of issue 3;
+#   4. benchmarks/zoo_profile.py: where sll_s's bf16 step spends its GPU time.
 # On the device tool: run(command="bash benchmarks/gpu_zoo_session.sh", timeout_s=...); no data needed.
 # Results land in $OUT (default $OUT from the device tool, else runs/gpu_zoo).
 set -uo pipefail
@@ -21,6 +22,12 @@ for i in 1 2 3; do
   timeout "${LAYERS_S:-150}" $PY -m stablenet.cli bench layers --device cuda --json "$OUT/bench_layers_run$i.jsonl" \
     || echo "bench layers $i: exit $?"
 done
+section "bench layers: spectral layers with 6 fixed Gram steps (eager and CUDA graphs)"
+timeout 120 $PY -m stablenet.cli bench layers --device cuda --families spectral --spectral-n-iter 6 \
+  --json "$OUT/bench_layers_spectral_fixed.jsonl" || echo "spectral fixed: exit $?"
+section "ResNet-18 certified bound (issue 3)"
+timeout 120 $PY benchmarks/resnet18_bound.py --device cuda --methods embed,gram --repeats 5 \
+  --json "$OUT/resnet18_cuda.json" || echo "resnet18: exit $?"
 section "profile"
 timeout 90 $PY benchmarks/zoo_profile.py --device cuda | tee "$OUT/zoo_profile.txt" || echo "profile: exit $?"
 section "done"

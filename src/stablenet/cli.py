@@ -184,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="layers suite only: how spectral and CPL layers bound their circular norm: auto (default), cholesky, gram",
     )
+    p.add_argument(
+        "--spectral-n-iter",
+        type=int,
+        default=None,
+        help="layers suite only: fixed Gram steps of the spectral layers (default: adaptive; fixed ones capture as "
+        "CUDA graphs)",
+    )
     p.add_argument("--json", default=None, help="write the rows to this JSON Lines file")
     _add_quiet(p)
 
@@ -555,6 +562,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.suite != "layers":
             raise ValueError(f"--bound-method applies to the layers suite only; got it with {args.suite!r}")
         extra["bound_method"] = args.bound_method
+    if args.spectral_n_iter is not None:
+        if args.suite != "layers":
+            raise ValueError(f"--spectral-n-iter applies to the layers suite only; got it with {args.suite!r}")
+        extra["spectral_n_iter"] = args.spectral_n_iter
     run, header, format_row = _bench_suite(args.suite)
     rows = run(
         quick=args.quick,

@@ -135,18 +135,23 @@ def test_bound_method_reaches_the_layers_and_rows(monkeypatch):
     built = []
     pair = layers._layer_pair
 
-    def spy(family, width, size, bound_method="auto"):
-        layer, plain, shape = pair(family, width, size, bound_method)
+    def spy(family, width, size, bound_method="auto", spectral_n_iter=None):
+        layer, plain, shape = pair(family, width, size, bound_method, spectral_n_iter)
         module = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
-        built.append((family, getattr(getattr(module, "constraint", module), "method", None)))
+        constraint = getattr(module, "constraint", module)
+        built.append((family, getattr(constraint, "method", None), getattr(constraint, "n_iter", None)))
         return layer, plain, shape
 
     monkeypatch.setattr(layers, "_layer_pair", spy)
-    rows = bench_layers(device="cpu", config=tiny_config(), families=["spectral", "cpl", "aol"], bound_method="gram")
-    assert sorted(built) == [("aol", None), ("cpl", "gram"), ("spectral", "gram")]
+    families = ["spectral", "cpl", "aol"]
+    rows = bench_layers(device="cpu", config=tiny_config(), families=families, bound_method="gram", spectral_n_iter=5)
+    assert sorted(built) == [("aol", None, None), ("cpl", "gram", None), ("spectral", "gram", 5)]
     assert {r["layer"]: r.get("bound_method") for r in rows} == {"spectral": "gram", "cpl": "gram", "aol": None}
+    assert {r["layer"]: r.get("n_iter") for r in rows} == {"spectral": 5, "cpl": None, "aol": None}
     with pytest.raises(ValueError, match="bound_method must be one of auto, cholesky, gram; got 'svd'"):
         bench_layers(device="cpu", config=tiny_config(), families=["cpl"], bound_method="svd")
+    with pytest.raises(ValueError, match="spectral_n_iter must be a positive int; got 0"):
+        bench_layers(device="cpu", config=tiny_config(), families=["spectral"], spectral_n_iter=0)
 
 
 def test_cli_bound_method(capsys):
@@ -154,3 +159,5 @@ def test_cli_bound_method(capsys):
     assert "--bound-method applies to the layers suite only" in capsys.readouterr().err
     assert main(["bench", "layers", "--quick", "--families", "cpl", "--bound-method", "bogus"]) == 2
     assert "bound_method must be one of" in capsys.readouterr().err
+    assert main(["bench", "curvature", "--quick", "--spectral-n-iter", "6"]) == 2
+    assert "--spectral-n-iter applies to the layers suite only" in capsys.readouterr().err

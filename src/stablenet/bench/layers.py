@@ -10,7 +10,8 @@ model (``sll_s``), three measurements, each next to the same measurement of a *p
   weights (Note [eval cache] in ``stablenet.nn.base``);
 * ``train_bf16`` (model only, CUDA only): the training step under ``torch.autocast(dtype=torch.bfloat16)`` at
   batch 512, with ``images_per_s``;
-* ``train_graphs`` (families in :data:`GRAPH_FAMILIES`, CUDA only) and ``train_bf16_graphs`` (model, CUDA only):
+* ``train_graphs`` (layers with a capturable weight map, ``stablenet.nn.graphs.capturable``; CUDA only) and
+  ``train_bf16_graphs`` (model, CUDA only):
   the same steps with the weight maps recorded as CUDA graphs (``stablenet.nn.capture_weight_maps``, Note
   [captured weight maps]); ``captured_layers`` counts the layers recorded.
 
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenet.nn.graphs import capture_weight_maps
+from stablenet.nn.graphs import capturable, capture_weight_maps
 from stablenet.spectral.conv import CIRCULAR_BOUND_METHODS
 
 __all__ = [
@@ -63,8 +64,6 @@ __all__ = [
 #: Layer families of the benchmark, in row order.
 LAYER_FAMILIES = ("sll", "cpl", "aol", "sr", "spectral", "cayley", "orthogonal")
 
-#: Families whose weight maps ``capture_weight_maps`` records as CUDA graphs (``train_graphs`` rows on a GPU).
-GRAPH_FAMILIES = ("sll", "cpl", "aol", "sr")
 
 _CLASSES = {
     "sll": ("stablenet.nn.sll", "SLLConv2d"),
@@ -91,6 +90,8 @@ class LayersBenchConfig:
         bf16_batch_size: batch of the bf16 autocast training rows (CUDA only).
         bound_method: how spectral and CPL layers bound their circular norm (``"auto"``, ``"cholesky"`` or
             ``"gram"``; Note [circular bound method] in ``stablenet.nn.spectral_norm``); recorded in their rows.
+        spectral_n_iter: Gram steps of the spectral layers (``None``: adaptive); a fixed count makes their map
+            capturable as CUDA graphs; recorded in their rows.
         warmup: untimed runs before the timed ones.
         repeats: timed runs (median reported).
     """
@@ -103,6 +104,7 @@ class LayersBenchConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     bf16_batch_size: int = 512
     bound_method: str = "auto"
+    spectral_n_iter: int | None = None
     warmup: int = 3
     repeats: int = 10
 
@@ -190,7 +192,7 @@ def _layer_class(family: str) -> type[nn.Module]:
 
 
 def _layer_pair(
-    family: str, width: int, size: int, bound_method: str = "auto"
+    family: str, width: int, size: int, bound_method: str = "auto", spectral_n_iter: int | None = None
 ) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """``(layer, plain twin, input shape without batch)`` of one family at one width."""
     cls = _layer_class(family)
@@ -208,7 +210,8 @@ def _layer_pair(
         layer = cls(width, width, 3)
         plain = nn.Conv2d(width, width, 3, padding=1, padding_mode="circular")
     else:
-        kw = {"input_size": (size, size), "method": bound_method} if family == "spectral" else {}
+        kw = {"input_size": (size, size), "method": bound_method, "n_iter": spectral_n_iter}
+        kw = kw if family == "spectral" else {}
         layer = cls(width, width, 3, padding=1, **kw)
         plain = nn.Conv2d(width, width, 3, padding=1)
     return nn.Sequential(layer, nn.ReLU()), nn.Sequential(plain, nn.ReLU()), (width, size, size)
@@ -365,6 +368,7 @@ def bench_layers(
     batch_size: int | None = None,
     families: Sequence[str] | None = None,
     bound_method: str | None = None,
+    spectral_n_iter: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -378,6 +382,7 @@ def bench_layers(
         batch_size: replaces the config's batch size (e.g. a smaller one on a CPU).
         families: run only these layer families and, if its name is listed, the config's model.
         bound_method: replaces the config's ``bound_method`` (``"auto"``, ``"cholesky"`` or ``"gram"``).
+        spectral_n_iter: replaces the config's ``spectral_n_iter``.
         seed: seed of the random weights and inputs.
         progress: called with one line per row.
 
@@ -407,6 +412,10 @@ def bench_layers(
         if bound_method not in CIRCULAR_BOUND_METHODS:
             raise ValueError(f"bound_method must be one of {', '.join(CIRCULAR_BOUND_METHODS)}; got {bound_method!r}")
         cfg = replace(cfg, bound_method=bound_method)
+    if spectral_n_iter is not None:
+        if isinstance(spectral_n_iter, bool) or not isinstance(spectral_n_iter, int) or spectral_n_iter < 1:
+            raise ValueError(f"spectral_n_iter must be a positive int; got {spectral_n_iter!r}")
+        cfg = replace(cfg, spectral_n_iter=spectral_n_iter)
     for family in cfg.families:
         _layer_class(family)  # fail before measuring anything
     torch.manual_seed(seed)
@@ -428,14 +437,16 @@ def bench_layers(
     n, size = cfg.batch_size, cfg.image_size
     for family in cfg.families:
         for width in cfg.widths:
-            layer, plain, shape = _layer_pair(family, width, size, cfg.bound_method)
+            layer, plain, shape = _layer_pair(family, width, size, cfg.bound_method, cfg.spectral_n_iter)
             layer, plain = layer.to(device), plain.to(device)
             x = torch.randn(n, *shape, device=device)
             extra = {"bound_method": cfg.bound_method} if family in ("spectral", "cpl") else {}
+            if family == "spectral":
+                extra["n_iter"] = cfg.spectral_n_iter
             for mode in ("train", "eval"):
                 emit(_compare(family, layer, plain, x, mode, cfg, width=width, **extra))
-            if device.type == "cuda" and family in GRAPH_FAMILIES:
-                emit_graphed(family, layer, plain, x, "train_graphs", cfg, width=width)
+            if device.type == "cuda" and any(capturable(m) for m in layer.modules()):
+                emit_graphed(family, layer, plain, x, "train_graphs", cfg, width=width, **extra)
             del layer, plain, x
             if device.type == "cuda":
                 torch.cuda.empty_cache()
