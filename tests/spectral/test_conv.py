@@ -277,6 +277,8 @@ def test_circular_norm_bound_against_the_explicit_operator_and_methods():
     k5 = kernel[None]
     assert torch.equal(circular_norm_bound(k5, (6, 7), 3), circular_gram_bound(k5, (6, 7), 3))
     assert torch.equal(circular_norm_bound(k5, (6, 7), method="gram"), circular_gram_bound(k5, (6, 7)))
+    k32 = k5.float()  # auto keeps the Gram iteration for what the Cholesky path does not certify
+    assert torch.equal(circular_norm_bound(k32, (6, 7)), circular_gram_bound(k32, (6, 7)))
     small = torch.randn(1, 3, 2, 3, 3, dtype=torch.float64, requires_grad=True)  # second derivatives (curvature)
     assert torch.autograd.gradgradcheck(lambda k: circular_norm_bound(k, (5, 5), method="cholesky"), (small,))
     zero = torch.zeros(1, 2, 2, 3, 3, dtype=torch.float64, requires_grad=True)

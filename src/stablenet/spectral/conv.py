@@ -279,7 +279,7 @@ def circular_norm_bound(
     * ``"cholesky"``: the value of :func:`~stablenet.spectral.verified.cholesky_circular_bound` (within ``1e-4``
       of exact, its rounding bounded), with the gradient of :math:`\sigma_1(\hat K(\omega^*))` at the frequency
       :math:`\omega^*` that set its level (Note [gradient at the top frequency]);
-    * ``"auto"``: ``"cholesky"`` on a CPU with adaptive iteration (``n_iter=None``): it made the CPU training
+    * ``"auto"``: ``"cholesky"`` for float64 kernels on a CPU with ``n_iter=None``: it made the CPU training
       step of a 128-channel spectral layer at 32x32 six times faster (``benchmarks/results/README.md``);
       ``"gram"`` otherwise (batched Cholesky factorisations are slow on GPUs, see
       :func:`conv_spectral_norm_upper_bound`). The two values differ by at most about ``1e-4`` (relative).
@@ -292,7 +292,8 @@ def circular_norm_bound(
     if method == "cholesky" and n_iter is not None:
         raise ValueError(f"n_iter applies to the Gram iteration only; got n_iter={n_iter} with method='cholesky'")
     if method == "auto":
-        method = "cholesky" if kernel5.device.type == "cpu" and n_iter is None else "gram"
+        cpu_certified = kernel5.device.type == "cpu" and kernel5.dtype == torch.float64
+        method = "cholesky" if cpu_certified and n_iter is None else "gram"
     if method == "gram":
         return circular_gram_bound(kernel5, size, n_iter)
     if kernel5.dtype != torch.float64:
