@@ -14,7 +14,7 @@ from stablenet.spectral import layer_lipschitz_bounds, lipschitz_upper_bound, sp
 
 def jacobian_norm(net: nn.Module, x: torch.Tensor) -> float:
     jac = torch.func.jacrev(lambda v: net(v[None])[0])(x)
-    return float(spectral_norm_exact(jac.reshape(-1, x.numel())))
+    return float(spectral_norm_exact(jac.detach().reshape(-1, x.numel())))
 
 
 def test_forward_is_input_plus_branch():

@@ -22,7 +22,7 @@ def jacobian_norm(net: nn.Module, x: torch.Tensor) -> float:
     """Largest singular value of the Jacobian of ``net`` at one input ``x`` (no batch dim), in float64."""
     x = x.double()
     jac = torch.func.jacrev(lambda v: net(v[None])[0])(x)
-    return float(spectral_norm_exact(jac.reshape(-1, x.numel())))
+    return float(spectral_norm_exact(jac.detach().reshape(-1, x.numel())))
 
 
 def linear_operator_norm(net: nn.Module, shape: tuple[int, ...]) -> float:
