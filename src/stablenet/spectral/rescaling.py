@@ -329,8 +329,8 @@ def _half_symbol(taps: Tensor, size: tuple[int, int]) -> Tensor:
     odd lengths), laid out ``(g, H, W//2+1, c1, c2)``: one complex GEMM of the phases with the taps.
 
     The same as padding the taps to ``size``, rolling the centre tap to index 0 and calling ``rfft2``, without the
-    ``size``-sized intermediates (a pass each way; the roll alone was 15% of a 128-channel SR training step on a
-    CPU); phases reduced modulo the size in integers, so each is accurate to a few ulps.
+    ``size``-sized real intermediates and their passes forward and backward; phases reduced modulo the size in
+    integers, so each is accurate to a few ulps.
     """
     g, c1, c2, a, b = taps.shape
     dtype = torch.complex128 if taps.dtype == torch.float64 else torch.complex64
