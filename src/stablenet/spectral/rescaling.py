@@ -263,8 +263,8 @@ _SQUARE_CHUNK = 8
 # unchanged because every consumer of that gradient only pairs it with Hermitian perturbations (an earlier
 # squaring projects it again; the first symbol's backward, a product K K^H or the real Gram kernel's taps with
 # G[-s] = G[s]^T, annihilates anti-Hermitian parts). Two of the six complex batched products of an SR training
-# step (T = 3) are saved. On a CPU the projection is fused with the product in chunks that stay in cache (the
-# transposed read of a full batch costs most of a product). Without create_graph the backward writes into one
+# step (T = 3) are saved. On a CPU the projection is fused with the product in chunks that stay in cache (a
+# transposed read of the whole batch is slow there). Without create_graph the backward writes into one
 # buffer; with it, it is one differentiable expression, so gradients of gradients follow. Under torch.func
 # transforms (which need their own autograd.Function protocol) the plain product runs.
 class _HermitianSquare(torch.autograd.Function):
