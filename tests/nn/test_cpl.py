@@ -102,6 +102,10 @@ def test_cpl_conv_worst_case_jacobian_is_contractive(padding_mode, input_size):
 def test_cpl_bad_arguments():
     with pytest.raises(ValueError, match="odd kernel"):
         CPLConv2d(3, kernel_size=2)
+    with pytest.raises(ValueError, match=r"method must be one of auto, cholesky, gram.*got method='svd'"):
+        CPLConv2d(3, input_size=5, method="svd")
+    with pytest.raises(ValueError, match=r"only 'auto' without input_size.*got method='gram', input_size=None"):
+        CPLConv2d(3, method="gram")
     with pytest.raises(ValueError, match=r"zeros, circular.*'replicate'"):
         CPLConv2d(3, padding_mode="replicate")
     with pytest.raises(ValueError, match="input_size must be"):

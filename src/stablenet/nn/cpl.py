@@ -142,8 +142,8 @@ class CPLConv2d(_ResidualConv2d):
         super().__init__(channels, inner_channels, kernel_size, bias, padding_mode, device=device, dtype=dtype)
         if method not in CIRCULAR_BOUND_METHODS or (method != "auto" and input_size is None):
             raise ValueError(
-                f"method must be one of {', '.join(CIRCULAR_BOUND_METHODS)} ('auto' without input_size); "
-                f"got method={method!r}, input_size={input_size}"
+                f"method must be one of {', '.join(CIRCULAR_BOUND_METHODS)}, and only 'auto' without input_size "
+                f"(it chooses how the size-specific bound is computed); got method={method!r}, input_size={input_size}"
             )
         self.method = method
         if input_size is not None:

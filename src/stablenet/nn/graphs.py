@@ -16,8 +16,8 @@ It is opt-in (``train.cuda_graphs`` in a training config) because graphs have li
   adaptive Gram iteration reads its stopping test on the host, the Cholesky verification its results); other
   layers keep eager. The fixed-step Gram maximum selects its argmax on the device
   (``stablenet.spectral.dense.gram_iteration_amax``). That CPL and spectral maps capture has been checked on
-  CPUs only (tests/nn/test_graphs.py: no host reads, same values); ``benchmarks/gpu_zoo_check.py`` checks them
-  on a GPU;
+  CPUs only (tests/nn/test_graphs.py: no host reads, same values); ``benchmarks/gpu_zoo_check.py`` compares them
+  with eager training on a GPU (not run yet);
 * a graphed map cannot be differentiated twice (no ``create_graph=True`` through it: Hessian-vector products
   and gradient penalties in train mode need it off); eval mode, ``torch.func`` transforms, ``torch.compile``
   and CPU tensors use the eager map;
