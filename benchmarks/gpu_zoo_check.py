@@ -114,7 +114,12 @@ def main() -> int:
         if worst > limit:
             failed.append(name)
     for name in GRAPHED if device.type == "cuda" else ():
-        diff = graphed_matches_eager(name, device)
+        try:
+            diff = graphed_matches_eager(name, device)
+        except RuntimeError as e:  # a capture that fails (a host read in the map) costs its line, not the run
+            print(f"{name:26s} CUDA graphs: capture failed: {str(e).splitlines()[0]}  FAIL", flush=True)
+            failed.append(f"{name} (graphs)")
+            continue
         status = "ok" if diff <= 1e-5 else "FAIL"
         print(
             f"{name:26s} CUDA graphs vs eager, 3 Adam steps: max relative difference {diff:.2e}  {status}", flush=True
