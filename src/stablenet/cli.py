@@ -535,6 +535,18 @@ def _bench_suite(suite: str):
     )
 
 
+#: ``stablenet bench`` options that belong to one suite: (argument name, suite).
+_SUITE_ONLY_OPTIONS = (
+    ("data", "curvature"),
+    ("families", "layers"),
+    ("methods", "spectral"),
+    ("bound_method", "layers"),
+    ("spectral_n_iter", "layers"),
+)
+#: Those given as comma-separated lists.
+_LIST_OPTIONS = ("families", "methods")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from stablenet.bench.spectral import write_rows
     from stablenet.train.trainer import resolve_device
@@ -546,26 +558,14 @@ def _bench(args: argparse.Namespace) -> int:
         if args.suite != "layers" or args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1 and applies to the layers suite only; got {args.batch_size}")
         extra["batch_size"] = args.batch_size
-    if args.data is not None:
-        if args.suite != "curvature":
-            raise ValueError(f"--data applies to the curvature suite only; got it with {args.suite!r}")
-        extra["data"] = args.data
-    if args.families is not None:
-        if args.suite != "layers":
-            raise ValueError(f"--families applies to the layers suite only; got it with {args.suite!r}")
-        extra["families"] = [f.strip() for f in args.families.split(",") if f.strip()]
-    if args.methods is not None:
-        if args.suite != "spectral":
-            raise ValueError(f"--methods applies to the spectral suite only; got it with {args.suite!r}")
-        extra["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.bound_method is not None:
-        if args.suite != "layers":
-            raise ValueError(f"--bound-method applies to the layers suite only; got it with {args.suite!r}")
-        extra["bound_method"] = args.bound_method
-    if args.spectral_n_iter is not None:
-        if args.suite != "layers":
-            raise ValueError(f"--spectral-n-iter applies to the layers suite only; got it with {args.suite!r}")
-        extra["spectral_n_iter"] = args.spectral_n_iter
+    for name, suite in _SUITE_ONLY_OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if args.suite != suite:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to the {suite} suite only; got it with {args.suite!r}")
+        extra[name] = [v.strip() for v in value.split(",") if v.strip()] if name in _LIST_OPTIONS else value
     run, header, format_row = _bench_suite(args.suite)
     rows = run(
         quick=args.quick,
