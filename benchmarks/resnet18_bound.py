@@ -3,9 +3,12 @@
     python benchmarks/resnet18_bound.py --device cpu --methods svd,cholesky --repeats 3 \
         --json benchmarks/results/cpu/resnet18_cpu.json
     python benchmarks/resnet18_bound.py --profile cholesky   # where the time goes
+    python benchmarks/resnet18_bound.py --methods embed --memory --budget none   # peak memory, checked rounds
 
 Each repeat runs every method once (in the given order) after one warm-up of each, so a noisy machine slows
 them alike; the JSON holds every run, the median per method, and the ratio of medians to the first method.
+``--memory`` adds, per method, one untimed run on a CPU that measures the peak bytes held by the allocator (the
+timed CUDA runs record theirs), and the number of lockstep rounds that read checks back to the host.
 """
 
 from __future__ import annotations
@@ -17,8 +20,32 @@ import statistics
 
 import torch
 
-from stablenet.bench.spectral import resnet18_bound_time, resnet18_kernels
+import stablenet.spectral.dense as dense
+from stablenet.bench.spectral import cpu_peak_bytes, resnet18_bound_time, resnet18_kernels
 from stablenet.io import atomic_write_text
+
+
+def checked_rounds(run) -> tuple[object, int]:
+    """``(run(), rounds)``: the lockstep rounds that read checks back to the host (0 without the lockstep)."""
+    finished = []
+    original = dense._gram_max_many
+
+    def recording(*args, **kwargs):
+        problems = original(*args, **kwargs)
+        finished.extend(problems)
+        return problems
+
+    dense._gram_max_many = recording
+    try:
+        result = run()
+    finally:
+        dense._gram_max_many = original
+    first = dense.FIRST_CHECK
+    rounds = set()
+    for p in finished:
+        start = getattr(p, "start", 0)  # 0 before the lockstep had a memory budget
+        rounds.update(range(start + min(first, p.steps) - 1, start + p.steps))
+    return result, len(rounds)
 
 
 def main() -> None:
@@ -30,15 +57,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the runs here")
     parser.add_argument("--profile", default=None, help="instead, profile one run of this method (top operators)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory and checked rounds")
+    parser.add_argument("--budget", default=None, help="the lockstep's max_memory_bytes (a number or 'none')")
     args = parser.parse_args()
+    budget = {}
+    if args.budget is not None:
+        budget["max_memory_bytes"] = None if args.budget == "none" else int(float(args.budget))
     if args.profile:
-        resnet18_bound_time(args.device, args.profile)  # warm-up
+        resnet18_bound_time(args.device, args.profile, **budget)  # warm-up
         kernels = resnet18_kernels(args.device)  # drawn outside the profile
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.device(args.device).type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
-            run = resnet18_bound_time(args.device, args.profile, kernels=kernels)
+            run = resnet18_bound_time(args.device, args.profile, kernels=kernels, **budget)
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"{args.profile}: {run['total_ms'] / 1e3:.2f} s; share of self CPU time by operator:")
         for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
@@ -50,11 +82,11 @@ def main() -> None:
         return
     methods = args.methods.split(",")
     for method in methods:
-        resnet18_bound_time(args.device, method)  # warm-up
+        resnet18_bound_time(args.device, method, **budget)  # warm-up
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for repeat in range(args.repeats):
         for method in methods:
-            run = resnet18_bound_time(args.device, method)
+            run = resnet18_bound_time(args.device, method, **budget)
             runs[method].append(run)
             print(f"repeat {repeat}  {method:10s} {run['total_ms'] / 1e3:7.2f} s", flush=True)
     medians = {m: statistics.median(r["total_ms"] for r in runs[m]) for m in methods}
@@ -65,6 +97,14 @@ def main() -> None:
     for method in methods:
         print(f"{method:10s} median {medians[method] / 1e3:.2f} s  ({medians[base] / medians[method]:.2f}x {base})")
     print(f"largest relative difference of a layer's bound between methods: {largest_gap:.2e}")
+    memory = {}
+    for method in methods if args.memory else ():
+        run, rounds = checked_rounds(lambda m=method: resnet18_bound_time(args.device, m, **budget))
+        if torch.device(args.device).type == "cpu":
+            _, peak = cpu_peak_bytes(lambda m=method: resnet18_bound_time(args.device, m, **budget))
+            run["peak_mem_mb"] = peak / 2**20
+        memory[method] = {"peak_mem_mb": run.get("peak_mem_mb"), "checked_rounds": rounds}
+        print(f"{method:10s} peak memory {run.get('peak_mem_mb') or 0:.0f} MiB, {rounds} checked lockstep rounds")
     if args.json:
         summary = {
             "machine": platform.processor() or platform.machine(),
@@ -72,6 +112,8 @@ def main() -> None:
             "torch": torch.__version__,
             "median_ms": medians,
             "speedup_vs_" + base: {m: medians[base] / medians[m] for m in methods},
+            "max_memory_bytes": budget.get("max_memory_bytes", getattr(dense, "LOCKSTEP_MEMORY_BYTES", None)),
+            "memory": memory,
             "runs": runs,
         }
         atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")

@@ -10,6 +10,7 @@ with a fixed seed. Strided layers are measured on their unstrided operator (the 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -28,6 +29,7 @@ __all__ = [
     "RESNET18_CONVS",
     "ConvShape",
     "bench_spectral",
+    "cpu_peak_bytes",
     "resnet18_bound_time",
     "resnet18_kernels",
     "write_rows",
@@ -215,11 +217,26 @@ def resnet18_kernels(device: str | torch.device = "cpu", seed: int = 0) -> list[
     return [_kernel(s, torch.device(device), seed + i) for i, s in enumerate(RESNET18_CONVS)]
 
 
+def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[object, int]:
+    """``(fn(), peak)``: the most bytes the CPU allocator held while ``fn`` ran, beyond what it held before (from
+    the profiler's memory events; the profiler slows ``fn``, so time it separately)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    return result, max(itertools.accumulate(change for _, change in changes), default=0)
+
+
 def resnet18_bound_time(
-    device: str | torch.device = "cpu", method: str = "auto", seed: int = 0, kernels: list[Tensor] | None = None
+    device: str | torch.device = "cpu",
+    method: str = "auto",
+    seed: int = 0,
+    kernels: list[Tensor] | None = None,
+    **options: object,
 ) -> dict:
-    """Time and peak memory of the certified zero-padding bound over all 20 ResNet-18 convolutions (the kernels
-    are drawn before the clock starts; pass ``kernels`` to reuse them)."""
+    """Time and peak memory (CUDA only) of the certified zero-padding bound over all 20 ResNet-18 convolutions
+    (the kernels are drawn before the clock starts; pass ``kernels`` to reuse them). ``options`` go to
+    :func:`~stablenet.spectral.conv.conv_spectral_norm_upper_bounds` (e.g. ``max_memory_bytes``)."""
     device = torch.device(device)
     kernels = kernels if kernels is not None else resnet18_kernels(device, seed)
     if device.type == "cuda":
@@ -227,7 +244,7 @@ def resnet18_bound_time(
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     problems = [{"kernel": k, "input_size": s.input_size} for k, s in zip(kernels, RESNET18_CONVS, strict=True)]
-    values = conv_spectral_norm_upper_bounds(problems, method=method)  # zero padding (the default)
+    values = conv_spectral_norm_upper_bounds(problems, method=method, **options)  # zero padding (the default)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     out = {"method": method, "total_ms": (time.perf_counter() - t0) * 1e3, "device": str(device), "values": values}
