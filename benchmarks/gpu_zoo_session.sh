@@ -26,8 +26,10 @@ section "bench layers: spectral layers with 6 fixed Gram steps (eager and CUDA g
 timeout 120 $PY -m stablenet.cli bench layers --device cuda --families spectral --spectral-n-iter 6 \
   --json "$OUT/bench_layers_spectral_fixed.jsonl" || echo "spectral fixed: exit $?"
 section "ResNet-18 certified bound (issue 3)"
-timeout 120 $PY benchmarks/resnet18_bound.py --device cuda --methods embed,gram --repeats 5 \
+timeout 120 $PY benchmarks/resnet18_bound.py --device cuda --methods embed,gram --repeats 5 --memory \
   --json "$OUT/resnet18_cuda.json" || echo "resnet18: exit $?"
+timeout 60 $PY benchmarks/resnet18_bound.py --device cuda --methods embed --repeats 5 --memory --budget none \
+  --json "$OUT/resnet18_cuda_no_budget.json" || echo "resnet18 without a budget: exit $?"
 section "profile"
 timeout 90 $PY benchmarks/zoo_profile.py --device cuda | tee "$OUT/zoo_profile.txt" || echo "profile: exit $?"
 section "done"

@@ -302,3 +302,34 @@ def test_circular_norm_bound_bad_input(kwargs, message):
     dtype = kwargs.pop("dtype", torch.float64)
     with pytest.raises(ValueError, match=message):
         circular_norm_bound(torch.ones(1, 2, 2, 3, 3, dtype=dtype), (5, 5), **kwargs)
+
+
+@pytest.mark.parametrize("shape,size", NORM_BOUND_CASES)
+def test_lockstep_bound_from_the_gram_kernel(shape, size):
+    """The lockstep's first Gram matrices come from the Gram kernel (a power-of-two scale and a rounding bound
+    ``err``): the bound is above the exact circular norm and within the adaptive tolerance of it, and equals the
+    bound of the spectrum's own Gram iteration."""
+    import math
+
+    from stablenet.spectral.conv import GRAM_MAX_ITER, GRAM_TOL, _circular_exact, _GramSource, circular_gram_bound
+    from stablenet.spectral.dense import gram_iteration_max_many
+
+    torch.manual_seed(sum(shape) + size[1])
+    kernel = torch.randn(*shape, dtype=torch.float64)
+    exact = float(_circular_exact(kernel, size))
+    for factor in (1.0, 2.0**-1000, 1e200):  # the scale keeps G from underflowing or overflowing
+        source = _GramSource(kernel * factor, size)
+        (value,) = gram_iteration_max_many([source], GRAM_MAX_ITER, tol=GRAM_TOL)
+        assert 0 < float(source.err) < 1e-9 and math.log2(float(source.scale)) % 1 == 0
+        bound = math.sqrt(value**2 + float(source.err)) * float(source.scale) / factor
+        assert exact <= bound <= exact * (1 + 2 * GRAM_TOL)
+        assert bound == pytest.approx(float(circular_gram_bound(kernel, size)), rel=1e-9)
+
+
+def test_lockstep_bounds_scale_with_the_kernel_without_overflow():
+    kernel = torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for padding in ("circular", "zeros"):
+        problems = [{"kernel": kernel * f, "input_size": 7, "padding": padding} for f in (1.0, 1e-300, 1e300)]
+        bounds = conv_spectral_norm_upper_bounds(problems, method="gram" if padding == "circular" else "embed")
+        assert bounds[1] / 1e-300 == pytest.approx(bounds[0], rel=1e-12)
+        assert bounds[2] / 1e300 == pytest.approx(bounds[0], rel=1e-12)

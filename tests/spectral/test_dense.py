@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stablenet.bench.spectral import cpu_peak_bytes
 from stablenet.spectral import (
     GRAM_ROUNDING_SLACK,
     gram_iteration,
@@ -14,7 +15,7 @@ from stablenet.spectral import (
     spectral_norm_exact,
     spectral_norm_upper_bound,
 )
-from stablenet.spectral.dense import _gram_max_many
+from stablenet.spectral.dense import FIRST_CHECK, _gram_max_many
 
 SHAPES = [(1, 7), (7, 1), (1, 1), (30, 5), (5, 30), (40, 40), (64, 17)]
 
@@ -258,3 +259,73 @@ def test_gram_iteration_amax_value_gradient_and_hessian_vector_product(dtype, n_
     for ours, theirs in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * float(theirs.abs().max()))
     assert grads[0][0].reshape(30, 6, 5)[torch.arange(30) != 19].abs().max() == 0
+
+
+class _GramOf:
+    """A MatrixSource of the Gram matrices A^H A of a batch (gram=True), recording its reads."""
+
+    gram = True
+
+    def __init__(self, a):
+        self.h = a.mH @ a
+        self.count, self.shape = len(a), (a.shape[-1], a.shape[-1])
+        self.dtype, self.device = a.dtype, a.device
+        self.reads = []
+
+    def matrices(self, start, stop, out=None):
+        self.reads.append((start, stop))
+        return out.copy_(self.h[start:stop])
+
+
+def test_gram_max_many_from_gram_matrices_bounds_their_factors():
+    g = torch.Generator().manual_seed(5)
+    factors = [
+        torch.randn(40, 9, 6, dtype=torch.complex128, generator=g),
+        torch.randn(3, 5, 5, dtype=torch.float64, generator=g) * 1e-3,
+        torch.zeros(2, 4, 4, dtype=torch.float64),
+    ]
+    sources = [_GramOf(a) for a in factors]
+    values = gram_iteration_max_many(sources)
+    for a, source, value, direct in zip(factors, sources, values, gram_iteration_max_many(factors), strict=True):
+        exact = float(torch.linalg.matrix_norm(a, 2).max())
+        assert exact <= value <= exact * (1 + 1e-4) + 1e-300
+        assert value == pytest.approx(direct, rel=1e-9)
+        assert source.reads == [(0, len(a))]  # read once, whole, into the group's buffer
+    with pytest.raises(ValueError, match="square if Gram"):
+        bad = _GramOf(factors[0])
+        bad.shape = (6, 5)
+        gram_iteration_max_many([bad])
+
+
+def test_gram_max_many_budget_admits_batches_in_turn_with_the_same_bounds():
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randn(64, 12, 12, dtype=torch.complex128, generator=g) for _ in range(3)]
+    weights += [torch.randn(30, 20, 7, dtype=torch.float64, generator=g), torch.randn(8, 3, 3, generator=g)]
+    free = _gram_max_many(weights, 14, 1e-5, max_memory_bytes=None)
+    one_at_a_time = _gram_max_many(weights, 14, 1e-5, max_memory_bytes=1)
+    some = _gram_max_many(weights, 14, 1e-5, max_memory_bytes=3 * 64 * 12 * 12 * 16)
+    assert [p.start for p in free] == [0] * len(weights)
+    starts = sorted(p.start for p in one_at_a_time)
+    assert all(b >= a + FIRST_CHECK for a, b in itertools.pairwise(starts))  # each waits for the last to end
+    assert 0 < max(p.start for p in some) < starts[-1]
+    for runs in (one_at_a_time, some):
+        assert [(p.top, p.steps, p.argmax, p.sizes) for p in runs] == [
+            (p.top, p.steps, p.argmax, p.sizes) for p in free
+        ]
+    with pytest.raises(ValueError, match="max_memory_bytes"):
+        gram_iteration_max_many(weights, max_memory_bytes=0)
+
+
+def _cpu_peak_bytes(fn):
+    return cpu_peak_bytes(fn)[1]
+
+
+def test_gram_max_many_peak_memory_follows_the_budget():
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(256, 32, 32, dtype=torch.complex128, generator=g) for _ in range(6)]  # 4 MiB each
+    size = 4 * 2**20
+    free = _cpu_peak_bytes(lambda: gram_iteration_max_many(weights, max_memory_bytes=None))
+    budget = 3 * size
+    bounded = _cpu_peak_bytes(lambda: gram_iteration_max_many(weights, max_memory_bytes=budget))
+    assert free >= 6 * size  # every batch's iterates at once: the measurement sees them
+    assert bounded <= budget + 2 * size < free  # plus the transients of forming one batch's first Gram matrices

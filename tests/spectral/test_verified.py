@@ -232,3 +232,14 @@ def test_bad_input_names_what_is_accepted():
         conv_spectral_norm_upper_bound(kernel[0], 5, padding="circular", method="power")
     with pytest.raises(ValueError, match="NaN or Inf"):
         conv_spectral_norm_upper_bound(torch.full((2, 2, 3, 3), float("nan")), 5, method="cholesky")
+
+
+def test_gram_range_equals_gram_across_groups():
+    kernel = torch.randn(3, 4, 5, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    spectrum = _Spectrum(kernel, (5, 6))
+    f = spectrum.n_freqs
+    for start, stop in ((0, len(spectrum)), (1, f - 1), (f - 2, 2 * f + 3), (2 * f, 3 * f)):
+        expected = spectrum.gram(torch.arange(start, stop))
+        assert torch.equal(spectrum.gram_range(start, stop), expected)
+        out = torch.empty_like(expected)
+        assert spectrum.gram_range(start, stop, out=out) is out and torch.equal(out, expected)

@@ -40,13 +40,14 @@ from torch import Tensor
 
 from stablenet.spectral.dense import (
     GRAM_ROUNDING_SLACK,
+    LOCKSTEP_MEMORY_BYTES,
     gram_iteration_amax,
     gram_iteration_max,
     gram_iteration_max_many,
     power_iteration,
 )
 from stablenet.spectral.rescaling import conv_gram_power_rowsums
-from stablenet.spectral.verified import _cholesky_bound, _half_frequencies, cholesky_circular_bound
+from stablenet.spectral.verified import _cholesky_bound, _half_frequencies, _Spectrum, cholesky_circular_bound
 
 __all__ = [
     "CIRCULAR_BOUND_METHODS",
@@ -250,6 +251,53 @@ def _circular_matrices(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
     """The matrices whose largest norm is the circular norm: the half spectrum, or the channel matrix of a 1x1
     kernel (the same at every frequency)."""
     return kernel5[..., 0, 0] if kernel5.shape[-2:] == (1, 1) else _half_spectrum(kernel5, size)
+
+
+# Note [lockstep from the Gram kernel]
+# The lockstep bound (conv_spectral_norm_upper_bounds) starts from G(w) = K(w)^H K(w) itself, computed from the
+# Gram kernel H_d = sum_{u-v=d} A_u^T A_v by one phase GEMM per group (stablenet.spectral.verified._Spectrum,
+# the Cholesky path's spectrum), written straight into the lockstep's buffer: no FFT, no spectrum K(w), no
+# copy, and no first squaring of every frequency (one of the four or more full-batch steps of each of the
+# ResNet-18 bound's convolutions). The kernel is first divided by a power of two near its largest entry, exactly
+# except for entries that become subnormal (each moves by less than 2^-1074, far inside the 1e-9 rounding
+# slack), so G neither overflows nor underflows; the scale multiplies the bound back. _Spectrum bounds
+# ||G_computed(w) - G(w)||_2 <= err for every frequency (Note [verified rounding]), so
+# sigma_1(K(w))^2 <= ||G_computed(w)||_2 + err <= b^2 + err for the Gram iteration's upper bound b on the square
+# root of ||G_computed(w)||_2: the result is scale * sqrt(b^2 + err), times 1 + GRAM_ROUNDING_SLACK for the
+# iteration's own rounding, as before. Against the FFT start, the ResNet-18 bounds rose by 7e-13 to 6e-11
+# (relative; benchmarks/results/README.md). The half spectrum is the deduplicated one of the Cholesky path
+# (one frequency of each conjugate pair, one per axis where the kernel has one tap).
+
+
+class _GramSource:
+    r"""The Gram matrices :math:`G(\omega) = \hat K(\omega)^H \hat K(\omega)` of a circular convolution over its
+    half spectrum, as a :class:`~stablenet.spectral.dense.MatrixSource` for the lockstep Gram iteration (Note
+    [lockstep from the Gram kernel]).
+
+    Read once; then ``scale`` (a power of two) and ``err`` (a bound on the rounding of every computed
+    :math:`G(\omega)` of the scaled kernel) are set, as 0-dim device tensors, and the circular norm is at most
+    ``scale * sqrt(b**2 + err)`` for an upper bound ``b`` on the square roots of the computed matrices' norms.
+    """
+
+    gram = True
+
+    def __init__(self, kernel5: Tensor, size: tuple[int, int]) -> None:
+        g, co, ci, kh, kw = kernel5.shape
+        collapsed = (1 if kh == 1 else size[0], 1 if kw == 1 else size[1])  # as in _Spectrum
+        self.kernel5, self.size = kernel5, size
+        self.count = g * len(_half_frequencies(collapsed, torch.device("cpu")))
+        self.shape = (min(co, ci), min(co, ci))
+        self.dtype = torch.complex128 if kernel5.dtype == torch.float64 else torch.complex64
+        self.device = kernel5.device
+        self.scale: Tensor | None = None
+        self.err: Tensor | None = None
+
+    def matrices(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        _, exponent = torch.frexp(self.kernel5.abs().amax())
+        self.scale = torch.ldexp(torch.ones((), dtype=self.kernel5.dtype, device=self.device), exponent)
+        spectrum = _Spectrum(self.kernel5 / self.scale, self.size)  # exact: a power of two, entries below 1
+        self.err = spectrum.err.amax()
+        return spectrum.gram_range(start, stop, out)
 
 
 def circular_gram_bound(kernel5: Tensor, size: tuple[int, int], n_iter: int | None = None) -> Tensor:
@@ -515,7 +563,11 @@ def conv_spectral_norm_upper_bound(
 
 
 def conv_spectral_norm_upper_bounds(
-    problems: Sequence[Mapping[str, object]], *, method: str = "auto", n_iter: int | None = None
+    problems: Sequence[Mapping[str, object]],
+    *,
+    method: str = "auto",
+    n_iter: int | None = None,
+    max_memory_bytes: int | None = LOCKSTEP_MEMORY_BYTES,
 ) -> list[float]:
     """:func:`conv_spectral_norm_upper_bound` of several convolutions, by one method.
 
@@ -523,7 +575,9 @@ def conv_spectral_norm_upper_bounds(
     ``padding``, ``padding_size``, ``stride``, ``dilation``, ``groups``). With the adaptive circular Gram
     iteration (``"gram"`` with circular padding, ``"embed"``, or ``"auto"`` off the CPU) all of them advance in
     lockstep (:func:`~stablenet.spectral.dense.gram_iteration_max_many`): on a GPU, one device-to-host copy per
-    step for the whole network instead of one per convolution.
+    step for the whole network instead of one per convolution. Their iterates share ``max_memory_bytes`` (Note
+    [lockstep memory]; ``None``: all convolutions from the first step); their first Gram matrices come from the
+    Gram kernel (Note [lockstep from the Gram kernel]).
 
     Example:
         >>> ks = [torch.randn(8, 4, 3, 3), torch.randn(8, 8, 1, 1)]
@@ -533,7 +587,7 @@ def conv_spectral_norm_upper_bounds(
     """
     defaults = {"padding": "zeros", "padding_size": "same", "stride": 1, "dilation": 1, "groups": 1}
     results: list[float | None] = [None] * len(problems)
-    lockstep: list[tuple[int, Tensor]] = []
+    lockstep: list[tuple[int, _GramSource]] = []
     parsed = []
     for problem in problems:
         unknown = set(problem) - {"kernel", "input_size", *defaults}
@@ -580,9 +634,11 @@ def conv_spectral_norm_upper_bounds(
                 value = circular_gram_bound(conv.grouped, size, n_iter)
                 results[i] = float(value) * (1.0 + GRAM_ROUNDING_SLACK)
             else:
-                lockstep.append((i, _circular_matrices(conv.grouped, size)))
+                lockstep.append((i, _GramSource(conv.grouped, size)))
         if lockstep:
-            values = gram_iteration_max_many([m for _, m in lockstep], GRAM_MAX_ITER, tol=GRAM_TOL)
-            for (i, _), value in zip(lockstep, values, strict=True):
-                results[i] = value * (1.0 + GRAM_ROUNDING_SLACK)
+            sources = [source for _, source in lockstep]
+            values = gram_iteration_max_many(sources, GRAM_MAX_ITER, tol=GRAM_TOL, max_memory_bytes=max_memory_bytes)
+            extras = torch.stack([torch.stack([s.scale, s.err]) for s in sources]).cpu().tolist()  # one copy
+            for (i, _), value, (scale, err) in zip(lockstep, values, extras, strict=True):
+                results[i] = math.sqrt(value * value + err) * scale * (1.0 + GRAM_ROUNDING_SLACK)
     return results  # type: ignore[return-value]

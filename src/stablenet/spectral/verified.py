@@ -96,14 +96,13 @@ def _gram_kernel(taps: Tensor, kh: int, kw: int) -> Tensor:
     centre = (kh - 1) * dw + kw - 1
     out = taps.new_zeros(g, (2 * kh - 1) * dw, c, c)
     flat = taps.transpose(1, 2).reshape(g, taps.shape[2], t * c)  # (g, c_o, T*c), tap-major columns
-    for u in range(t):
+    for u in range(t):  # one index_add per u: the offsets u - v of v = u, ..., t - 1 are distinct
         blocks = (taps[:, u].transpose(-1, -2) @ flat[..., u * c :]).reshape(g, c, t - u, c)
         uh, uw = divmod(u, kw)
-        for j, v in enumerate(range(u, t)):
-            vh, vw = divmod(v, kw)
-            out[:, centre + (uh - vh) * dw + (uw - vw)] += blocks[:, :, j]
-    for offset in range(centre):  # offsets after the centre mirror those before it
-        out[:, 2 * centre - offset] = out[:, offset].transpose(-1, -2)
+        offsets = [centre + (uh - vh) * dw + (uw - vw) for vh, vw in (divmod(v, kw) for v in range(u, t))]
+        out.index_add_(1, torch.tensor(offsets, device=out.device), blocks.transpose(1, 2))
+    # offsets after the centre mirror those before it
+    out[:, centre + 1 :] = out[:, :centre].flip(1).transpose(-1, -2)
     return out
 
 
@@ -132,7 +131,7 @@ class _Spectrum:
         self.groups, self.c, d = g, c, h.shape[1]
         self.flat = h.reshape(g, d, c * c)
         self._flat_complex: Tensor | None = None
-        freqs = _half_frequencies(size, kernel5.device)
+        freqs = _half_frequencies(size, torch.device("cpu")).to(kernel5.device)  # no device sync for the mask
         # Separable phases e^{i w1 d1} e^{i w2 d2}; j * d is reduced modulo N in integers first, so every angle lies
         # in [0, 2 pi) and each factor is accurate to 21 ulps, their product to 64 (Note [verified rounding]).
         axes = []
@@ -185,6 +184,19 @@ class _Spectrum:
                 torch.mm(phase[freq[rows]], self._flat_complex[g], out=out[first : first + count].view(count, -1))
             else:
                 out[rows] = (phase[freq[rows]] @ self._flat_complex[g]).view(count, self.c, self.c)
+        return out
+
+    def gram_range(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """:meth:`gram` of the matrices ``start`` to ``stop - 1``, with no host synchronisation (the groups and
+        frequencies of a range follow from its ends); ``out`` must be contiguous."""
+        if out is None:
+            out = self.flat.new_empty(stop - start, self.c, self.c, dtype=self.phase.dtype)
+        if self._flat_complex is None:
+            self._flat_complex = self.flat.to(self.phase.dtype)
+        flat_out, f = out.view(stop - start, -1), self.n_freqs
+        for g in range(start // f, (stop - 1) // f + 1):
+            lo, hi = max(start, g * f), min(stop, (g + 1) * f)
+            torch.mm(self.phase[lo - g * f : hi - g * f], self._flat_complex[g], out=flat_out[lo - start : hi - start])
         return out
 
 
