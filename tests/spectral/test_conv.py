@@ -51,6 +51,8 @@ def test_bounds_against_explicit_operator(case):
     if case["padding"] == "zeros":
         assert float(conv_spectral_norm(kernel, case["n"], method="embed", **args)) >= exact * (1 - 1e-12)
     assert conv_spectral_norm_upper_bound(kernel, case["n"], **args) >= exact
+    lockstep = "gram" if case["padding"] == "circular" else "embed"  # the GPU default: Gram kernel + lockstep
+    assert conv_spectral_norm_upper_bound(kernel, case["n"], method=lockstep, **args) >= exact
     assert conv_spectral_norm_upper_bound(kernel.float(), case["n"], **args) >= explicit_norm(
         kernel.float().double(), case["n"], **args
     )
