@@ -335,3 +335,29 @@ def test_lockstep_bounds_scale_with_the_kernel_without_overflow():
         bounds = conv_spectral_norm_upper_bounds(problems, method="gram" if padding == "circular" else "embed")
         assert bounds[1] / 1e-300 == pytest.approx(bounds[0], rel=1e-12)
         assert bounds[2] / 1e300 == pytest.approx(bounds[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("shape,size", NORM_BOUND_CASES)
+def test_adaptive_circular_gram_bound_value_and_gradient(shape, size):
+    """From the Gram kernel: above the exact circular norm and within the adaptive tolerance; its gradient is the
+    argmax frequency's Gram bound's, as autograd gives through the spectrum's own adaptive Gram iteration, and
+    close to the exact norm's (the max over frequencies of sigma_1 by SVD)."""
+    from stablenet.spectral.conv import GRAM_MAX_ITER, GRAM_TOL, _half_spectrum, circular_gram_bound
+    from stablenet.spectral.dense import gram_iteration_max
+
+    torch.manual_seed(sum(shape) + size[0])
+    kernel = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    bound = circular_gram_bound(kernel, size)
+    (grad,) = torch.autograd.grad(bound, kernel)
+    spectrum = _half_spectrum(kernel, size)
+    (spectrum_grad,) = torch.autograd.grad(
+        gram_iteration_max(spectrum, GRAM_MAX_ITER, tol=GRAM_TOL), kernel, retain_graph=True
+    )
+    exact = torch.linalg.matrix_norm(spectrum, 2).amax()
+    (exact_grad,) = torch.autograd.grad(exact, kernel)
+    exact = float(exact.detach())
+    assert exact <= float(bound.detach()) <= exact * (1 + 2 * GRAM_TOL)
+    torch.testing.assert_close(grad, spectrum_grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(grad, exact_grad, rtol=1e-2, atol=1e-4)
+    with torch.no_grad():
+        assert float(circular_gram_bound(kernel, size)) == float(bound.detach())

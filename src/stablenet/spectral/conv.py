@@ -41,8 +41,9 @@ from torch import Tensor
 from stablenet.spectral.dense import (
     GRAM_ROUNDING_SLACK,
     LOCKSTEP_MEMORY_BYTES,
+    _gram_max_many,
+    gram_iteration,
     gram_iteration_amax,
-    gram_iteration_max,
     gram_iteration_max_many,
     power_iteration,
 )
@@ -303,15 +304,25 @@ class _GramSource:
 def circular_gram_bound(kernel5: Tensor, size: tuple[int, int], n_iter: int | None = None) -> Tensor:
     """Max over frequencies (and groups) of the Gram bound of :math:`\\hat K(\\omega)`; an upper bound.
 
-    ``n_iter=None`` iterates adaptively (:func:`~stablenet.spectral.dense.gram_iteration_max`: at most
+    ``n_iter=None`` iterates adaptively, as :func:`~stablenet.spectral.dense.gram_iteration_max` (at most
     ``GRAM_MAX_ITER`` steps, dropping the frequencies that cannot hold the maximum, stopping once the bound is
-    within ``GRAM_TOL`` of a lower estimate). A 1x1 kernel has the same matrix at every frequency, so it is
-    bounded once.
+    within ``GRAM_TOL`` of a lower estimate), from the Gram matrices of the Gram kernel (Note [lockstep from the
+    Gram kernel]: no FFT and one squaring fewer); the value adds their rounding bound, and the gradient is that
+    of the argmax frequency's Gram bound (Note [gradient of the maximum]). A fixed ``n_iter`` iterates the
+    spectrum itself, on the device alone, so that a CUDA graph can capture it. A 1x1 kernel has the same matrix
+    at every frequency, so it is bounded once.
     """
-    spectrum = _circular_matrices(kernel5, size)
-    if n_iter is None:
-        return gram_iteration_max(spectrum, GRAM_MAX_ITER, tol=GRAM_TOL)
-    return gram_iteration_amax(spectrum, n_iter)
+    if n_iter is not None:
+        return gram_iteration_amax(_circular_matrices(kernel5, size), n_iter)
+    source = _GramSource(kernel5.detach(), size)
+    with torch.no_grad():
+        (problem,) = _gram_max_many([source], GRAM_MAX_ITER, GRAM_TOL)
+        scale, err = torch.stack([source.scale, source.err]).tolist()
+    top = torch.tensor(math.sqrt(problem.top**2 + err) * scale, dtype=kernel5.dtype, device=kernel5.device)
+    if not (torch.is_grad_enabled() and kernel5.requires_grad):
+        return top
+    single = gram_iteration(_frequency_matrix(kernel5, size, problem.argmax), problem.steps)
+    return top + (single - single.detach())
 
 
 #: Methods of :func:`circular_norm_bound`.
