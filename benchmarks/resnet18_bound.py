@@ -62,7 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     budget = {}
     if args.budget is not None:
-        budget["max_memory_bytes"] = None if args.budget == "none" else int(float(args.budget))
+        try:
+            budget["max_memory_bytes"] = None if args.budget == "none" else int(float(args.budget))
+        except ValueError:
+            parser.error(f"--budget takes a number of bytes (e.g. 1.5e9) or 'none'; got {args.budget!r}")
     if args.profile:
         resnet18_bound_time(args.device, args.profile, **budget)  # warm-up
         kernels = resnet18_kernels(args.device)  # drawn outside the profile
