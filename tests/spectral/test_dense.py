@@ -316,16 +316,12 @@ def test_gram_max_many_budget_admits_batches_in_turn_with_the_same_bounds():
         gram_iteration_max_many(weights, max_memory_bytes=0)
 
 
-def _cpu_peak_bytes(fn):
-    return cpu_peak_bytes(fn)[1]
-
-
 def test_gram_max_many_peak_memory_follows_the_budget():
     g = torch.Generator().manual_seed(7)
     weights = [torch.randn(256, 32, 32, dtype=torch.complex128, generator=g) for _ in range(6)]  # 4 MiB each
     size = 4 * 2**20
-    free = _cpu_peak_bytes(lambda: gram_iteration_max_many(weights, max_memory_bytes=None))
+    _, free = cpu_peak_bytes(lambda: gram_iteration_max_many(weights, max_memory_bytes=None))
     budget = 3 * size
-    bounded = _cpu_peak_bytes(lambda: gram_iteration_max_many(weights, max_memory_bytes=budget))
+    _, bounded = cpu_peak_bytes(lambda: gram_iteration_max_many(weights, max_memory_bytes=budget))
     assert free >= 6 * size  # every batch's iterates at once: the measurement sees them
     assert bounded <= budget + 2 * size < free  # plus the transients of forming one batch's first Gram matrices

@@ -48,7 +48,13 @@ from stablenet.spectral.dense import (
     power_iteration,
 )
 from stablenet.spectral.rescaling import conv_gram_power_rowsums
-from stablenet.spectral.verified import _cholesky_bound, _half_frequencies, _Spectrum, cholesky_circular_bound
+from stablenet.spectral.verified import (
+    _cholesky_bound,
+    _collapsed_size,
+    _half_frequencies,
+    _Spectrum,
+    cholesky_circular_bound,
+)
 
 __all__ = [
     "CIRCULAR_BOUND_METHODS",
@@ -283,10 +289,9 @@ class _GramSource:
     gram = True
 
     def __init__(self, kernel5: Tensor, size: tuple[int, int]) -> None:
-        g, co, ci, kh, kw = kernel5.shape
-        collapsed = (1 if kh == 1 else size[0], 1 if kw == 1 else size[1])  # as in _Spectrum
+        g, co, ci = kernel5.shape[:3]
         self.kernel5, self.size = kernel5, size
-        self.count = g * len(_half_frequencies(collapsed, torch.device("cpu")))
+        self.count = g * len(_half_frequencies(_collapsed_size(kernel5, size), torch.device("cpu")))
         self.shape = (min(co, ci), min(co, ci))
         self.dtype = torch.complex128 if kernel5.dtype == torch.float64 else torch.complex64
         self.device = kernel5.device
@@ -375,7 +380,7 @@ def _frequency_matrix(kernel5: Tensor, size: tuple[int, int], index: int) -> Ten
     """``(c_out/g, c_in/g)``: the kernel's DFT at matrix ``index`` of ``stablenet.spectral.verified._Spectrum``
     (group-major over the half spectrum), differentiable; phases reduced modulo the size in integers."""
     kh, kw = kernel5.shape[-2:]
-    size = (1 if kh == 1 else size[0], 1 if kw == 1 else size[1])
+    size = _collapsed_size(kernel5, size)
     freqs = _half_frequencies(size, kernel5.device)
     group, frequency = divmod(index, len(freqs))
     factors = []

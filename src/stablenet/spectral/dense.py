@@ -364,7 +364,7 @@ class _Problem:
         self.source: MatrixSource | None = source  # dropped once its first Gram matrices are formed
         self.side = min(source.shape)
         self.key = (self.side, source.dtype, source.device)
-        self.gram_bytes = source.count * self.side**2 * torch.empty((), dtype=source.dtype).element_size()
+        self.gram_bytes = source.count * self.side**2 * source.dtype.itemsize
         self.count = source.count
         self.sizes: list[int] = []
         self.previous: float | None = None
@@ -404,7 +404,7 @@ class _GramGroup:
                 offset += source.count
                 continue
             m, n = source.shape
-            step = max(1, BUILD_CHUNK_BYTES // (m * n * torch.empty((), dtype=dtype).element_size()))
+            step = max(1, BUILD_CHUNK_BYTES // (m * n * dtype.itemsize))
             for start in range(0, source.count, step):
                 stop = min(start + step, source.count)
                 rows = slice(offset + start, offset + stop)

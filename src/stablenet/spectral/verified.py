@@ -106,6 +106,12 @@ def _gram_kernel(taps: Tensor, kh: int, kw: int) -> Tensor:
     return out
 
 
+def _collapsed_size(kernel5: Tensor, size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` with a 1 on every axis where the kernel has one tap (its DFT is the same at every frequency)."""
+    kh, kw = kernel5.shape[-2:]
+    return (1 if kh == 1 else size[0], 1 if kw == 1 else size[1])
+
+
 def _half_frequencies(size: tuple[int, int], device: torch.device) -> Tensor:
     """``(F, 2)`` integer frequencies, one of each conjugate pair :math:`\\{\\omega, -\\omega\\}`."""
     n1, n2 = size
@@ -124,7 +130,7 @@ class _Spectrum:
 
     def __init__(self, kernel5: Tensor, size: tuple[int, int]) -> None:
         g, _, _, kh, kw = kernel5.shape
-        size = (1 if kh == 1 else size[0], 1 if kw == 1 else size[1])
+        size = _collapsed_size(kernel5, size)
         taps = _tap_matrices(kernel5)
         c_o, c = taps.shape[-2], taps.shape[-1]
         h = _gram_kernel(taps, kh, kw)  # (g, D, c, c)
