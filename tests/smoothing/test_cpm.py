@@ -424,3 +424,22 @@ def test_pure_functions_reject_bad_arguments():
         cpm_bounds(sel, np.array([[5, 1]]), 0.1, 2, sigma=1.0, lipschitz=1.0)
     with pytest.raises(ValueError, match="at least one draw"):
         cpm_bounds(sel, np.zeros((1, 3), dtype=int), 0.1, 2, sigma=1.0, lipschitz=1.0)
+
+
+def test_grid_noise_needs_hard_votes_and_matches_cohen_with_one_bucket():
+    # Note [floating-point noise] in stablenet.smoothing.sampling: the grid classifier is piecewise constant.
+    with pytest.raises(ValueError, match="lipschitz must be None or inf") as excinfo:
+        CPMSmooth(nn.Linear(3, 2), 2, 0.5, lipschitz=1.0, noise="grid")
+    assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="noise must be one of 'float', 'grid'"):
+        CPMSmooth(nn.Linear(3, 2), 2, 0.5, lipschitz=math.inf, noise="half")
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.randint(0, 256, (6, 3, 2, 2), generator=torch.Generator().manual_seed(1)).float() / 255
+    cpm = CPMSmooth(flat, 3, 0.5, num_buckets=1, noise="grid")  # lipschitz=None: inf, nothing computed
+    assert not cpm.soft_votes and cpm.grid is not None
+    prediction, radius = cpm.certify(x, n0=10, n=300, alpha=0.01, batch_size=1000, generator=4)
+    reference = Smooth(flat, 3, 0.5, noise="grid").certify(x, n0=10, n=300, alpha=0.01, batch_size=1000, generator=4)
+    assert torch.equal(prediction, reference[0]) and (prediction != ABSTAIN).any()
+    assert torch.all(radius <= reference[1])
+    torch.testing.assert_close(radius, reference[1], rtol=0, atol=1e-9)

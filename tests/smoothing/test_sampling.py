@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats as sps
 from torch import nn
 
 from stablenet.smoothing import sampling
@@ -170,3 +172,186 @@ def test_bad_sampling_arguments(num, batch_size, sigma):
     gen = sampling.make_generator(0, torch.device("cpu"))
     with pytest.raises(ValueError, match="must be"):
         sampling.class_counts(RowCounter(4, 2), torch.rand(1, 1, 2, 2), num, sigma, 2, batch_size, gen)
+
+
+# ----------------------------------------------------------------------------------------- floating-point noise
+class Recorder(nn.Module):
+    """Two logits from the first input value; keeps every batch it is given (``dtype``: an optional buffer that
+    makes the model's dtype that, as a half-precision network's weights would)."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if dtype is not None:
+            self.register_buffer("scale", torch.ones((), dtype=dtype))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        first = x.flatten(1)[:, :1].float()
+        return torch.cat([-first, first], dim=1)
+
+
+def recorded_noise_inputs(x: torch.Tensor, model: Recorder, sigma: float, num: int, seed: int) -> torch.Tensor:
+    """The noisy inputs ``class_counts`` hands ``model`` for one image (one pass: ``num`` <= batch size)."""
+    sampling.class_counts(model, x, num, sigma, 2, 4 * num, sampling.make_generator(seed, torch.device("cpu")))
+    assert len(model.inputs) == 1
+    return model.inputs[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64_inputs_get_noise_in_their_own_dtype_as_before(dtype):
+    # Bit for bit the former rule: randn in x's dtype, added with alpha = sigma (Note [floating-point noise]).
+    x, sigma, num = torch.rand(1, 2, 3, 3, dtype=dtype), 0.3, 50
+    seen = recorded_noise_inputs(x, Recorder(), sigma, num, seed=4)
+    noise = torch.randn((1, 1, num, 2, 3, 3), generator=torch.Generator().manual_seed(4), dtype=dtype)
+    assert seen.dtype == dtype
+    assert torch.equal(seen, torch.add(x.unsqueeze(1), noise, alpha=sigma).view(num, 2, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_get_float32_noise(dtype):
+    x, sigma, num = torch.rand(1, 1, 4, 4).to(dtype), 0.25, 200
+    seen = recorded_noise_inputs(x, Recorder(), sigma, num, seed=0)
+    noise = torch.randn((1, 1, num, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert seen.dtype == torch.float32  # a model without parameters keeps the float32 noisy input
+    assert torch.equal(seen, torch.add(x.float().unsqueeze(1), noise, alpha=sigma).view(num, 1, 4, 4))
+    # What the model sees is not on the half-precision grid: the noise was neither drawn nor added in it.
+    added = seen - x.float()
+    assert float((added.to(dtype).float() != added).double().mean()) > 0.9
+    assert len(torch.unique(added)) > 0.99 * added.numel()
+
+
+def test_a_half_precision_model_gets_the_float32_noisy_input_rounded_once():
+    x, sigma, num = torch.rand(1, 1, 4, 4).half(), 0.25, 100
+    seen = recorded_noise_inputs(x, Recorder(torch.float16), sigma, num, seed=1)
+    noise = torch.randn((1, 1, num, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    assert seen.dtype == torch.float16
+    assert torch.equal(seen, torch.add(x.float().unsqueeze(1), noise, alpha=sigma).half().view(num, 1, 4, 4))
+
+
+def test_a_float32_input_is_cast_to_a_float64_model():
+    x = torch.rand(2, 1, 2, 2)
+    model = Recorder(torch.float64)
+    sampling.class_counts(model, x, 5, 0.5, 2, 16, sampling.make_generator(0, torch.device("cpu")))
+    assert model.inputs and all(t.dtype == torch.float64 for t in model.inputs)
+
+
+# ----------------------------------------------------------------------------------------- grid noise
+def rounding_errors(grid: sampling.GridNoise) -> list[float]:
+    """``|w_v - 2^62 p_v|`` per cell, ``p_v`` the exact (40-digit) probability of round(levels * N(0, sigma^2)) = v
+    on -support .. support, tails lumped into the end cells."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(40):
+        support, scale = grid.support, 2 * grid.levels * mpmath.mpf(grid.sigma)
+        cdf = [mpmath.ncdf((2 * v + 1) / scale) for v in range(-support, support)]
+        exact = [b - a for a, b in zip([mpmath.mpf(0), *cdf], [*cdf, mpmath.mpf(1)], strict=True)]
+        one = mpmath.mpf(2) ** sampling.GRID_BITS
+        return [float(abs(w - p * one)) for w, p in zip(grid._weights, exact, strict=True)]
+
+
+@pytest.mark.parametrize(("sigma", "levels"), [(0.25, 255), (0.5, 64), (0.01, 255), (1e-4, 255)])
+def test_grid_noise_is_the_rounded_gaussian_to_62_bits(sigma, levels):
+    grid = sampling.GridNoise(sigma, levels)
+    assert sum(grid._weights) == 2**sampling.GRID_BITS and min(grid._weights) >= 0
+    assert grid._weights == grid._weights[::-1]  # symmetric by construction
+    err = rounding_errors(grid)
+    assert max(err) <= 1.0  # two cell boundaries, each rounded to nearest
+    # the total-variation bound covers the actual distance, and is about a unit in the last bit per boundary
+    tv = 0.5 * sum(err) / 2**sampling.GRID_BITS
+    assert tv <= grid.tv_bound(1) <= 1.1 * 2 * grid.support * 2.0**-63 + 1e-30
+    assert grid.tv_bound(3 * 32 * 32) == pytest.approx(3 * 32 * 32 * grid.tv_bound(1), rel=1e-12)
+
+
+@pytest.mark.parametrize(("sigma", "levels"), [(0.25, 255), (0.5, 3), (2.0, 255), (1e-4, 255)])
+def test_alias_table_gives_every_cell_exactly_its_weight(sigma, levels):
+    # Note [alias table]: with u uniform on [0, 2^62) the drawn law is exactly weights / 2^62.
+    grid = sampling.GridNoise(sigma, levels)
+    k, cap = grid._k, 2 ** (sampling.GRID_BITS - grid._k)
+    mass = [0] * (1 << k)
+    for column, entry in enumerate(grid._packed):
+        keep, alias = entry >> k, entry & ((1 << k) - 1)
+        assert 0 <= keep <= cap and entry < 2**63
+        mass[column] += keep
+        mass[alias] += cap - keep
+    assert mass == [*grid._weights, *[0] * ((1 << k) - len(grid._weights))]
+
+
+def test_grid_draws_follow_their_law():
+    grid = sampling.GridNoise(0.1, 255)
+    steps = grid.sample((400_000,), sampling.make_generator(0, torch.device("cpu")))
+    assert steps.dtype == torch.long and int(steps.abs().max()) <= grid.support
+    counts = np.bincount((steps + grid.support).numpy(), minlength=2 * grid.support + 1)
+    expected = grid.probabilities() * len(steps)
+    cells = expected > 20
+    chi2 = float(((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum())
+    assert chi2 < sps.chi2.ppf(0.999, int(cells.sum()) - 1)
+    assert abs(float(steps.double().std()) - 0.1 * 255) < 0.05
+
+
+def test_grid_model_input_is_a_fixed_function_of_the_integer_grid_point():
+    # Note [floating-point noise]: the model sees phi(k + V) = (k + V) / levels and nothing else about x or V.
+    images = torch.randint(0, 256, (3, 2, 3, 3), generator=torch.Generator().manual_seed(0))
+    x = images.float() / 255
+    grid = sampling.GridNoise(0.5, 255)
+    model = Recorder()
+    gen = sampling.make_generator(2, torch.device("cpu"))
+    sampling.class_counts(model, x, 40, 0.5, 2, 64, gen, grid=grid)
+    seen = torch.cat(model.inputs)
+    assert seen.dtype == torch.float32 and len(seen) == 3 * 40
+    m = (seen.double() * 255).round().long()
+    assert torch.equal(seen, m.float() / 255)
+    steps = m.view(3, 40, 2, 3, 3) - images.unsqueeze(1)  # the grid noise itself (images 0..2 each take 40 rows)
+    assert int(steps.abs().max()) <= grid.support and float(steps.double().std()) == pytest.approx(127.5, rel=0.05)
+
+
+def test_grid_noise_reads_half_and_float_images_on_the_grid_and_refuses_others():
+    grid = sampling.GridNoise(0.25, 255)
+    k = torch.arange(256)
+    assert torch.equal(grid.to_grid(k.float() / 255), k)
+    assert torch.equal(grid.to_grid((k.double() / 255).half()), k)
+    assert grid.to_grid(torch.zeros(0, 3)).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"x in torch.bfloat16 cannot tell the grid points k / 255 apart"):
+        grid.to_grid((k.double() / 255).bfloat16())  # 8 significant bits: neighbours would be confused
+    for off in (torch.tensor([0.001]), torch.tensor([0.5, 0.3])):
+        with pytest.raises(ValueError, match=r"noise='grid' needs inputs on the grid k / 255") as excinfo:
+            sampling.class_counts(
+                RowCounter(off.numel(), 2),
+                off.view(1, 1, 1, -1),
+                4,
+                0.25,
+                2,
+                8,
+                sampling.make_generator(0, torch.device("cpu")),
+                grid=grid,
+            )
+        assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0.0, 255), "sigma must be a finite number > 0"),
+        ((float("inf"), 255), "sigma must be a finite number > 0"),
+        ((0.5, 0), "levels must be an int >= 1"),
+        ((0.5, 2.5), "levels must be an int >= 1"),
+        ((10.0, 1000), "sigma \\* levels must be at most 4096"),
+    ],
+)
+def test_bad_grid_noise_arguments(args, match):
+    with pytest.raises(ValueError, match=match) as excinfo:
+        sampling.GridNoise(*args)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_grid_noise_must_match_sigma():
+    with pytest.raises(ValueError, match=r"grid noise was built for sigma = 0\.25; got sigma = 0\.5"):
+        sampling.class_counts(
+            RowCounter(4, 2),
+            torch.zeros(1, 1, 2, 2),
+            4,
+            0.5,
+            2,
+            8,
+            sampling.make_generator(0, torch.device("cpu")),
+            grid=sampling.GridNoise(0.25),
+        )

@@ -2,10 +2,23 @@
 
 Every certifier has ``certify(x, n0, n, alpha, batch_size, generator=None) -> (prediction, radius)``, batched
 across images and noise draws on the base model's device, with ``ABSTAIN`` and radius 0 when it cannot certify.
+Cohen's hard-vote classifier has :meth:`Smooth.predict`; the soft classifiers of LVM-RS and CPM (a smoothed
+simplex map of the logits) have :func:`soft_predict`.
 """
 
 from stablenet.smoothing.cohen import ABSTAIN, Smooth
 from stablenet.smoothing.cpm import CPMSmooth, cpm_radius
 from stablenet.smoothing.lvm import SIMPLEX_MAPS, LVMSmooth, lvm_radius, sparsemax
+from stablenet.smoothing.soft import soft_predict
 
-__all__ = ["ABSTAIN", "SIMPLEX_MAPS", "CPMSmooth", "LVMSmooth", "Smooth", "cpm_radius", "lvm_radius", "sparsemax"]
+__all__ = [
+    "ABSTAIN",
+    "SIMPLEX_MAPS",
+    "CPMSmooth",
+    "LVMSmooth",
+    "Smooth",
+    "cpm_radius",
+    "lvm_radius",
+    "soft_predict",
+    "sparsemax",
+]

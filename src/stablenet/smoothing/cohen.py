@@ -12,6 +12,13 @@ Theorem 1 of the paper: if :math:`\mathbb P(f(x+\delta) = c_A) \ge \underline p_
 :meth:`Smooth.certify` estimates :math:`\underline p_A` from Monte-Carlo counts, so its answer holds with
 probability at least :math:`1 - \alpha` over the noise, for each image separately.
 
+The theorem is about a *real* Gaussian :math:`\delta`; the counts come from floating-point samples (Note
+[floating-point noise] in :mod:`~stablenet.smoothing.sampling`). With the default ``noise="float"`` the
+certificate therefore also assumes that the base model's decisions do not depend on how :math:`x + \delta` was
+rounded, which a base model that reads the low-order bits of its input can violate (Voráček & Hein 2023,
+arXiv 2207.07209). With ``noise="grid"`` (inputs on the grid :math:`\{k/L\}`) it holds without that
+assumption, for the base classifier :math:`f(\mathrm{round}(L\,\cdot)/L)`, assuming only fair random bits.
+
 Sampling lives in :mod:`stablenet.smoothing.sampling`, the confidence bounds and the (rounded-down) radius in
 :mod:`stablenet.smoothing.stats`; this module only ties them together.
 
@@ -59,6 +66,12 @@ class Smooth:
         sigma: Standard deviation of the Gaussian noise, > 0.
         input_range: Inclusive ``(low, high)`` bounds that every input value must lie in (images in
             ``[0, 1]`` by default), or ``None`` for no range check. Noisy copies are *not* clipped to it.
+        noise: ``"float"`` (``torch.randn`` in at least float32: the usual practice, sound only if the base
+            model ignores rounding) or ``"grid"`` (the exact rounded Gaussian of
+            :class:`~stablenet.smoothing.sampling.GridNoise`: sound for inputs on the grid ``k / levels``, at
+            about 3 times the noise cost, and bounds widened by its ``tv_bound``); see Note [floating-point
+            noise] in :mod:`~stablenet.smoothing.sampling`.
+        levels: Grid steps per input unit for ``noise="grid"`` (255 for 8-bit images); unused otherwise.
 
     Example:
         >>> smooth = Smooth(model, num_classes=10, sigma=0.25)
@@ -74,6 +87,8 @@ class Smooth:
         sigma: float,
         *,
         input_range: tuple[float, float] | None = (0.0, 1.0),
+        noise: str = "float",
+        levels: int = 255,
     ) -> None:
         if not callable(base_model):
             raise ValueError(f"base_model must be a callable nn.Module; got {type(base_model).__name__}")
@@ -98,10 +113,15 @@ class Smooth:
                     f"input_range must be None or a pair (low, high) with low <= high; got {input_range!r}"
                 )
             input_range = (low, high)
+        if noise not in sampling.NOISE_KINDS:
+            kinds = ", ".join(repr(k) for k in sampling.NOISE_KINDS)
+            raise ValueError(f"noise must be one of {kinds}; got {noise!r}")
         self.base_model = base_model
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
         self.input_range = input_range
+        self.noise = noise
+        self.grid = sampling.GridNoise(self.sigma, levels) if noise == "grid" else None
 
     def _prepare(self, x: Tensor) -> Tensor:
         """Check ``x`` and return it as a batch ``(N, C, H, W)`` on the model's device."""
@@ -118,7 +138,9 @@ class Smooth:
         return x
 
     def _counts(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator) -> Tensor:
-        return sampling.class_counts(self.base_model, x, num, self.sigma, self.num_classes, batch_size, generator)
+        return sampling.class_counts(
+            self.base_model, x, num, self.sigma, self.num_classes, batch_size, generator, grid=self.grid
+        )
 
     def certify(
         self,
@@ -146,7 +168,9 @@ class Smooth:
 
         the one-sided Clopper–Pearson lower bound (:math:`\mathrm B(\cdot; a, b)` the beta quantile). If
         :math:`\underline p_A \le \tfrac12` the answer is ``ABSTAIN``. :math:`R` is rounded down (Note
-        [rounding down] in :mod:`~stablenet.smoothing.stats`).
+        [rounding down] in :mod:`~stablenet.smoothing.stats`). With ``noise="grid"``, :math:`\underline p_A`
+        is first lowered by the grid noise's ``tv_bound`` for one input (Note [floating-point noise] in
+        :mod:`~stablenet.smoothing.sampling`), and the guarantee is about the grid classifier.
 
         Args:
             x: Images ``(N, C, H, W)`` or one image ``(C, H, W)``, finite and within ``input_range``.
@@ -172,6 +196,8 @@ class Smooth:
             counts = self._counts(x, n, batch_size, gen)
         n_a = counts.gather(1, c_hat.unsqueeze(1)).squeeze(1)
         p_lower = stats.clopper_pearson_lower(n_a.cpu().numpy(), n, alpha)
+        if self.grid is not None:  # a bound for the drawn law, made one for the rounded Gaussian
+            p_lower = self.grid.lower_bound(p_lower, math.prod(x.shape[1:]))
         certified = p_lower > 0.5
         radius = np.where(certified, stats.cohen_radius(p_lower, self.sigma), 0.0)
         prediction = torch.where(torch.as_tensor(certified, device=x.device), c_hat, torch.full_like(c_hat, ABSTAIN))
@@ -192,7 +218,9 @@ class Smooth:
 
         With :math:`n_1 \ge n_2` the two largest class counts over ``n`` noisy copies, the answer is the top
         class when the two-sided binomial test of :math:`n_1` successes in :math:`n_1 + n_2` trials against
-        :math:`p = \tfrac12` has p-value :math:`\le \alpha`, and ``ABSTAIN`` otherwise.
+        :math:`p = \tfrac12` has p-value :math:`\le \alpha`, and ``ABSTAIN`` otherwise. With ``noise="grid"``
+        the test runs at :math:`\alpha - n\eta`, :math:`\eta` the grid noise's ``tv_bound`` for one input, since
+        the ``n`` drawn copies are within :math:`n\eta` of the rounded Gaussian's in total variation.
 
         Args:
             x: Images ``(N, C, H, W)`` or one image ``(C, H, W)``, finite and within ``input_range``.
@@ -208,6 +236,10 @@ class Smooth:
         batch_size = _check_count("batch_size", batch_size)
         alpha = _check_alpha(alpha)
         x = self._prepare(x)
+        if self.grid is not None:
+            alpha = alpha - n * self.grid.tv_bound(math.prod(x.shape[1:]))
+            if not alpha > 0:
+                raise ValueError(f"n = {n} draws of grid noise leave no room in alpha; use a smaller n")
         gen = sampling.make_generator(generator, x.device)
         with _eval_mode(self.base_model):
             counts = self._counts(x, n, batch_size, gen)

@@ -132,7 +132,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TARGET_SLACK = 1e-10  # Note [safe inverse]
-_RADIUS_SHRINK = 1.0 - 2.0**-40
 _SOFTMAX_SLOPE = math.sqrt(2.0) / 4.0
 _QUAD_MAX_BETA = 8.0
 _PANELS, _NODES = 8, 16
@@ -276,7 +275,7 @@ def cpm_radius(
     p_a, p_b = np.broadcast_arrays(p_a, p_b)
     gap = _probit_gap(p_a, p_b, _beta(sigma, lipschitz))
     with np.errstate(invalid="ignore", over="ignore"):
-        radius = 0.5 * sigma * gap * _RADIUS_SHRINK
+        radius = 0.5 * sigma * gap * stats.RADIUS_SHRINK
     radius = np.where(np.isfinite(radius) & (radius > 0) & (p_a > p_b), radius, 0.0)
     return stats.round_down(radius)
 
@@ -443,6 +442,11 @@ class CPMSmooth:
         num_buckets: largest number of buckets for the non-top classes (:func:`cpm_bounds`), >= 1.
         input_range: inclusive ``(low, high)`` that inputs must lie in, or ``None``. Noisy copies are not clipped.
         inverse_temperature: :math:`s > 0` of the soft votes (not used with hard votes).
+        noise: ``"float"`` or ``"grid"``, as in :class:`~stablenet.smoothing.cohen.Smooth` (Note [floating-point
+            noise] in :mod:`~stablenet.smoothing.sampling`). The grid classifier is piecewise constant, so
+            ``"grid"`` needs hard votes: ``lipschitz`` must be ``None`` (then taken as ``inf``, no bound is
+            computed) or ``inf``.
+        levels: grid steps per input unit for ``noise="grid"``; unused otherwise.
 
     Example:
         >>> smooth = CPMSmooth(model, num_classes=10, sigma=0.25, input_shape=(3, 32, 32))
@@ -462,6 +466,8 @@ class CPMSmooth:
         num_buckets: int = 2,
         input_range: tuple[float, float] | None = (0.0, 1.0),
         inverse_temperature: float = 1.0,
+        noise: str = "float",
+        levels: int = 255,
     ) -> None:
         if not callable(base_model):
             raise ValueError(f"base_model must be a callable nn.Module; got {type(base_model).__name__}")
@@ -484,10 +490,22 @@ class CPMSmooth:
             if not low <= high:
                 raise ValueError(f"input_range must be None or (low, high) with low <= high; got {input_range!r}")
             input_range = (low, high)
+        if noise not in sampling.NOISE_KINDS:
+            kinds = ", ".join(repr(k) for k in sampling.NOISE_KINDS)
+            raise ValueError(f"noise must be one of {kinds}; got {noise!r}")
+        if noise == "grid":
+            if lipschitz is not None and _check_lipschitz(lipschitz) != math.inf:
+                raise ValueError(
+                    "noise='grid' certifies a piecewise-constant grid classifier, so only hard votes are sound: "
+                    f"lipschitz must be None or inf; got {lipschitz!r}"
+                )
+            lipschitz = math.inf
         self.base_model = base_model
         self.num_classes = num_classes
         self.input_shape = input_shape
         self.input_range = input_range
+        self.noise = noise
+        self.grid = sampling.GridNoise(self.sigma, levels) if noise == "grid" else None
         if lipschitz is None:
             try:
                 with _eval_mode(base_model):
@@ -570,8 +588,8 @@ class CPMSmooth:
         voter = _SoftmaxVote(self.base_model, self.inverse_temperature, gen) if self.soft_votes else self.base_model
         with _eval_mode(self.base_model):
             # Note [noise generator]: the estimation draws continue the generator, so they are fresh.
-            sel = sampling.class_counts(voter, x, n0, self.sigma, self.num_classes, batch_size, gen)
-            est = sampling.class_counts(voter, x, n, self.sigma, self.num_classes, batch_size, gen)
+            sel = sampling.class_counts(voter, x, n0, self.sigma, self.num_classes, batch_size, gen, grid=self.grid)
+            est = sampling.class_counts(voter, x, n, self.sigma, self.num_classes, batch_size, gen, grid=self.grid)
         bounds = cpm_bounds(
             sel.cpu().numpy(),
             est.cpu().numpy(),
@@ -580,6 +598,11 @@ class CPMSmooth:
             sigma=self.sigma,
             lipschitz=self.score_lipschitz,
         )
+        if self.grid is not None:  # bounds for the drawn law, made ones for the rounded Gaussian
+            dim = math.prod(x.shape[1:])
+            bounds = bounds._replace(
+                p_lower=self.grid.lower_bound(bounds.p_lower, dim), p_upper=self.grid.upper_bound(bounds.p_upper, dim)
+            )
         radius = cpm_radius(bounds.p_lower, bounds.p_upper, self.sigma, self.score_lipschitz)
         certified = radius > 0
         prediction = np.where(certified, bounds.top, ABSTAIN)

@@ -71,6 +71,7 @@ from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing.base import eval_mode
 from stablenet.smoothing.sampling import make_generator, mean_and_variance
 from stablenet.smoothing.stats import (
+    RADIUS_SHRINK,
     empirical_bernstein_lower,
     empirical_bernstein_upper,
     round_down,
@@ -86,8 +87,6 @@ __all__ = [
     "margin_radius",
     "sparsemax",
 ]
-
-_RADIUS_SHRINK = 1.0 - 2.0**-40
 
 
 def sparsemax(z: Tensor, dim: int = -1) -> Tensor:
@@ -133,7 +132,7 @@ def margin_radius(p_lower: np.ndarray | float, p_upper_other: np.ndarray | float
         raise ValueError(f"sigma must be > 0; got {sigma}")
     gap = np.asarray(p_lower, dtype=np.float64) - np.asarray(p_upper_other, dtype=np.float64)
     radius = sigma * math.sqrt(math.pi / 2) * np.maximum(gap, 0.0)
-    return round_down(radius * _RADIUS_SHRINK)
+    return round_down(radius * RADIUS_SHRINK)
 
 
 def lvm_radius(p_lower: np.ndarray | float, p_upper_other: np.ndarray | float, sigma: float) -> np.ndarray:
@@ -153,7 +152,7 @@ def lvm_radius(p_lower: np.ndarray | float, p_upper_other: np.ndarray | float, s
     """
     cohen = two_class_radius(p_lower, p_upper_other, sigma)
     margin = margin_radius(p_lower, p_upper_other, sigma)
-    return round_down(np.maximum(cohen, margin) * _RADIUS_SHRINK)
+    return round_down(np.maximum(cohen, margin) * RADIUS_SHRINK)
 
 
 def lvm_bounds(
@@ -400,6 +399,48 @@ class LVMSmooth:
             p_lower=out(np.where(finite, p_lower, 0.0), torch.float64),
             p_upper=out(np.where(finite, p_upper, 1.0), torch.float64),
         )
+
+    def select(
+        self,
+        x: Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        r"""The (map, temperature) that :meth:`certify_detailed` would choose per image from ``n0`` selection draws.
+
+        Step 1 of :meth:`certify_detailed` alone (``n`` and ``alpha`` only enter the predicted radius). The draws
+        are whatever ``generator`` gives: with fresh draws the choice can differ from the one a certification
+        made, which is why certification runs record it (``simplex_map`` and ``inverse_temperature`` in
+        :class:`~stablenet.certify.records.CertificationRecord`); :func:`stablenet.certify.verify.verify_records`
+        falls back on this for records written before that.
+
+        Returns:
+            ``(map_index, temperature)``: a long tensor (indices into ``maps``) and a float64 tensor of inverse
+            temperatures, both of shape ``(N,)`` on ``x``'s device.
+        """
+        self._check(x, n0, n, alpha, batch_size)
+        model = self.base_model
+        param = next(iter(model.parameters()), None)
+        if param is None:
+            param = next(iter(model.buffers()), None)
+        device = x.device if param is None else param.device
+        dtype = param.dtype if param is not None and param.is_floating_point() else x.dtype
+        temps = np.asarray(self.temperatures, dtype=np.float64)
+        if len(x) == 0:
+            empty = torch.zeros(0, dtype=torch.float64, device=x.device)
+            return empty.long(), empty
+        gen = make_generator(generator, device)
+        with eval_mode(model):
+            mean, var = mean_and_variance(
+                model, x.to(device=device, dtype=dtype), n0, self.sigma, batch_size, gen, self._flat_values
+            )
+        shape = (len(x), self.num_candidates, self.num_classes)
+        choice, _ = self._select(mean.cpu().numpy().reshape(shape), var.cpu().numpy().reshape(shape), n, alpha)
+        map_index = torch.as_tensor(choice // len(temps), dtype=torch.long).to(x.device)
+        return map_index, torch.as_tensor(temps[choice % len(temps)], dtype=torch.float64).to(x.device)
 
     def _select(self, mean: np.ndarray, var: np.ndarray, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """Candidate index and top class per image, from the selection statistics ``(N, C, K)`` only."""
