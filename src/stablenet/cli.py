@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability per certificate")
     p.add_argument("--seed", type=int, default=0, help="noise seed (randomized methods)")
     p.add_argument("--form", default="auto", help="Lipschitz certificate form: auto, generic, lln")
+    p.add_argument(
+        "--arithmetic",
+        default="float64",
+        choices=("float64", "native"),
+        help="what a Lipschitz certificate covers: the network evaluated in float64 (default) or its own dtype's "
+        "forward (sound but pessimistic)",
+    )
     p.add_argument("--out", required=True, help="JSON Lines output; existing indices are skipped")
     p.add_argument("--split", default="test", help="data split to certify (train or test)")
     p.add_argument("--data-root", default=None, help="directory holding the data set files")
@@ -234,6 +241,7 @@ def _certify(args: argparse.Namespace) -> int:
         method=args.method,
         smoothing=smoothing,
         form=args.form,
+        arithmetic=args.arithmetic,
         split=args.split,
         data_root=args.data_root,
         batch_size=args.batch_size,

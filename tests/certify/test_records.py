@@ -11,6 +11,7 @@ import pytest
 import stablenet.certify.records as records_module
 from stablenet.certify.records import (
     ABSTAIN,
+    OPTIONAL_RECORD_FIELDS,
     RECORD_FIELDS,
     CertificationRecord,
     RecordWriter,
@@ -128,6 +129,55 @@ def test_record_is_frozen():
     record = make(0)
     with pytest.raises(AttributeError):
         record.radius = 2.0
+
+
+def test_optional_smoothed_classifier_fields_round_trip_and_old_records_still_load(tmp_path):
+    assert OPTIONAL_RECORD_FIELDS == ("simplex_map", "inverse_temperature")
+    soft = make(0, method="lvm-rs", simplex_map="sparsemax", inverse_temperature=np.float64(4))
+    hard = make(1, method="cpm", simplex_map="argmax")
+    old = make(2, method="lvm-rs")
+    assert list(soft.to_dict()) == [*RECORD_FIELDS, *OPTIONAL_RECORD_FIELDS]
+    assert type(soft.to_dict()["inverse_temperature"]) is float
+    assert list(hard.to_dict()) == [*RECORD_FIELDS, "simplex_map"]
+    assert list(old.to_dict()) == list(RECORD_FIELDS)  # unset optional keys are not written
+    for record in (soft, hard, old):
+        assert CertificationRecord.from_dict(record.to_dict()) == record
+    path = tmp_path / "run.jsonl"
+    with RecordWriter(path) as writer:
+        writer.write([soft, hard, old])
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith(',"time_s":0.25,"simplex_map":"sparsemax","inverse_temperature":4.0}')
+    assert lines[2].endswith(',"time_s":0.25}')
+    assert read_records(path) == [soft, hard, old]
+    assert CertificationRecord.from_dict(valid_dict(simplex_map="argmax", inverse_temperature=None)).simplex_map
+
+
+@pytest.mark.parametrize(
+    ("d", "match"),
+    [
+        (valid_dict(inverse_temperature=2.0), "'inverse_temperature' needs 'simplex_map'"),
+        (
+            valid_dict(simplex_map="softmax", inverse_temperature=0.0),
+            "'inverse_temperature' must be a finite number > 0",
+        ),
+        (
+            valid_dict(simplex_map="softmax", inverse_temperature=-1),
+            "'inverse_temperature' must be a finite number > 0",
+        ),
+        (valid_dict(simplex_map="softmax", inverse_temperature=True), "'inverse_temperature' must be a finite number"),
+        (valid_dict(simplex_map="softmax", inverse_temperature=float("inf")), "'inverse_temperature' must be"),
+        (valid_dict(simplex_map=""), "'simplex_map' must be a non-empty str"),
+        (valid_dict(simplex_map=1), "'simplex_map' must be a non-empty str"),
+        (
+            valid_dict(temperature=1.0),
+            "unexpected key 'temperature'; .* and optionally simplex_map, inverse_temperature",
+        ),
+    ],
+)
+def test_invalid_optional_fields_are_rejected(d, match):
+    with pytest.raises(ValueError, match=match) as info:
+        CertificationRecord.from_dict(d)
+    assert "\n" not in str(info.value)
 
 
 def test_written_lines_are_compact_and_ordered(tmp_path):
@@ -294,6 +344,14 @@ def test_metadata_sidecar_written_merged_and_checked(tmp_path):
     with pytest.raises(ValueError, match="dataset 'digits'; refusing to add records for dataset 'mnist'"):
         RecordWriter(path, metadata={"dataset": "mnist"}).open()
     assert read_metadata(path)["dataset"] == "digits"
+    assert path.read_bytes() == before
+    # what the records certify cannot change on resume either (a record file is one experiment)
+    with pytest.raises(ValueError, match=r"sigma 0\.25; refusing to add records for sigma 0\.5"):
+        RecordWriter(path, metadata={"dataset": "digits", "sigma": 0.5}).open()
+    with RecordWriter(path, metadata={"arithmetic": "float64"}):
+        pass
+    with pytest.raises(ValueError, match="arithmetic 'float64'; refusing to add records for arithmetic 'native'"):
+        RecordWriter(path, metadata={"arithmetic": "native"}).open()
     assert path.read_bytes() == before
 
 

@@ -55,6 +55,26 @@ def test_smoothing_run_writes_records_and_metadata(tmp_path, trained_digits_run)
         certify_run(trained_digits_run.run_dir, tmp_path / "x.jsonl", method="smoothing", progress=False)
 
 
+def test_lipschitz_run_records_its_arithmetic_and_refuses_to_mix(tmp_path, trained_digits_run):
+    out = tmp_path / "lip.jsonl"
+    certify_run(trained_digits_run.run_dir, out, max_examples=20, progress=False)
+    meta = read_metadata(out)
+    assert meta["arithmetic"] == "float64" and meta["method"] == "lipschitz"
+    native = tmp_path / "native.jsonl"
+    certify_run(trained_digits_run.run_dir, native, arithmetic="native", max_examples=20, progress=False)
+    pairs = zip(read_records(out), read_records(native), strict=True)
+    assert all(n.radius <= f.radius for f, n in pairs)  # the native bound is the more pessimistic
+    with pytest.raises(ValueError, match="refusing to add records for arithmetic 'native'"):
+        certify_run(trained_digits_run.run_dir, out, arithmetic="native", max_examples=30, progress=False)
+    # a file written before certificates named their arithmetic (native float32, unproven tolerance)
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text(out.read_text())
+    meta.pop("arithmetic")
+    (tmp_path / "legacy.jsonl.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="made before certificates named their arithmetic"):
+        certify_run(trained_digits_run.run_dir, legacy, max_examples=30, progress=False)
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun not installed",

@@ -1,12 +1,14 @@
 """``verify``: certified predictions survive PGD at 0.99 x radius; inflated certificates do not."""
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from stablenet.certify.lipschitz import certify_lipschitz
 from stablenet.certify.records import ABSTAIN, CertificationRecord, RecordWriter, read_metadata, read_records
 from stablenet.certify.run import certify_run
 from stablenet.certify.verify import RADIUS_FACTOR, verify_records, verify_run
@@ -94,6 +96,26 @@ def test_exact_radius_of_a_linear_model():
     assert loose.n_broken == 16 and loose.broken_indices == list(range(16))
 
 
+def test_lipschitz_records_are_attacked_in_the_arithmetic_they_certify():
+    """Hidden unit x + 2**19: float32 rounds x = 0.52 to 0.5, so the float32 and float64 networks disagree there
+    (logits (1.0, 1.01) against (1.04, 1.01)); a float64 certificate holds, and attacking float32 breaks it."""
+    big = 2.0**19
+    model = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model[0].bias.copy_(torch.tensor([big, 0.0]))
+        model[1].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
+        model[1].bias.copy_(torch.tensor([-2 * big, 1.01]))
+    x = torch.tensor([[0.52]])
+    pred, radius = certify_lipschitz(model, x)  # float64 by default
+    assert pred.item() == 0 and radius.item() > 0
+    record = [CertificationRecord(0, 0, 0, radius.item(), True, "lipschitz", "l2", 0.0)]
+    ok = verify_records(model, x, record, method="lipschitz", steps=5, restarts=1)
+    assert ok.n_broken == 0 and ok.details[0]["clean_prediction"] == 0
+    wrong = verify_records(model, x, record, method="lipschitz", steps=5, restarts=1, arithmetic="native")
+    assert wrong.n_broken == 1 and wrong.details[0]["clean_prediction"] == 1
+
+
 def test_abstentions_and_zero_radii_are_not_attacked():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     x = torch.rand(3, 1, 2, 2)
@@ -172,3 +194,134 @@ def test_smoothing_verify_runs_and_counts(lipschitz_run, tmp_path):
     assert broken.n_broken >= 1
     assert all(d["adversarial_prediction"] not in (ABSTAIN, d["prediction"]) for d in broken.details if d["broken"])
     assert math.isfinite(sum(d["distance"] for d in broken.details))
+
+
+# ------------------------------------------------------------------------ the classifier each method certifies
+def _asymmetric_model() -> nn.Module:
+    """Logits ``(0, 0.1 relu(y) - 20 relu(-y))`` of a scalar input ``y`` (shaped ``(1, 1, 1)``).
+
+    At ``y = 0.5`` under ``N(0, 1)`` noise (trapezoid integration, see tests/smoothing/test_soft.py): hard votes
+    for class 1 with probability 0.69, but mean scores of class 1 are 0.375 (softmax, s = 1) and 0.385 (sparsemax,
+    s = 1): the smoothed hard classifier says 1, the smoothed soft ones say 0.
+    """
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2, bias=False), nn.ReLU(), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        model[3].weight.copy_(torch.tensor([[0.0, 0.0], [0.1, -20.0]]))
+    return model.eval()
+
+
+def _two_claims(method, **fields):
+    """Record 0 claims class 0 (the soft classifiers' answer), record 1 class 1 (the hard one's), same input."""
+    return [CertificationRecord(i, i, i, 1e-3, True, method, "l2", 0.0, **fields) for i in (0, 1)]
+
+
+_SOFT_CHECK = dict(sigma=1.0, steps=2, restarts=1, smoothing_n=4000, alpha=0.001, eot_samples=4)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "broken"),
+    [
+        ("lvm-rs", dict(simplex_map="softmax", inverse_temperature=1.0), [1]),
+        ("lvm-rs", dict(simplex_map="sparsemax", inverse_temperature=1.0), [1]),
+        ("cpm", dict(simplex_map="softmax", inverse_temperature=1.0), [1]),
+        ("cpm", dict(simplex_map="argmax"), [0]),
+        ("smoothing", {}, [0]),
+    ],
+)
+def test_each_record_is_checked_against_the_classifier_its_method_certifies(method, fields, broken):
+    x = torch.full((2, 1, 1, 1), 0.5)
+    records = _two_claims(method, **fields)
+    result = verify_records(
+        _asymmetric_model(), x, records, method=method, generator=torch.Generator().manual_seed(0), **_SOFT_CHECK
+    )
+    assert result.n_attacked == 2 and result.broken_indices == broken
+    for d in result.details:
+        assert d["adversarial_prediction"] == (1 if broken == [0] else 0)
+        assert d["simplex_map"] == fields.get("simplex_map", "argmax")
+        assert d["inverse_temperature"] == fields.get("inverse_temperature")
+        assert d["map_source"] == ("method" if method == "smoothing" else "record")
+
+
+def test_old_records_without_the_classifier_fields_still_verify(caplog):
+    from stablenet.smoothing.lvm import LVMSmooth
+
+    x = torch.full((2, 1, 1, 1), 0.5)
+    model = _asymmetric_model()
+    gen = torch.Generator().manual_seed(0)
+    # cpm: the model has a finite Lipschitz bound, so certify_run would have used soft votes at s = 1.
+    with caplog.at_level(logging.INFO, logger="stablenet.certify.verify"):
+        cpm = verify_records(model, x, _two_claims("cpm"), method="cpm", generator=gen, **_SOFT_CHECK)
+    assert cpm.broken_indices == [1]
+    for d in cpm.details:
+        assert (d["simplex_map"], d["inverse_temperature"], d["map_source"]) == ("softmax", 1.0, "re-derived")
+    assert "2 cpm records name no simplex_map; re-derived" in caplog.text
+    caplog.clear()
+    # lvm-rs: the choice cannot be replayed; it is re-selected on fresh draws, with one warning line.
+    with caplog.at_level(logging.WARNING, logger="stablenet.certify.verify"):
+        lvm = verify_records(
+            model, x, _two_claims("lvm-rs"), method="lvm-rs", generator=gen, certify_n0=50, **_SOFT_CHECK
+        )
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "simplex_map" in r.getMessage()]
+    assert len(warnings) == 1 and "2 lvm-rs records name no simplex_map" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    defaults = LVMSmooth(model, 2, 1.0)
+    for d in lvm.details:
+        assert d["map_source"] == "re-selected"
+        assert d["simplex_map"] in defaults.maps and d["inverse_temperature"] in defaults.temperatures
+    assert lvm.n_attacked == 2
+
+
+def test_records_naming_a_classifier_their_method_does_not_certify_are_refused():
+    x = torch.full((1, 1, 1, 1), 0.5)
+    bad = [
+        ("lvm-rs", dict(simplex_map="argmax"), "lvm-rs certifies simplex_map 'softmax' or 'sparsemax'; got 'argmax'"),
+        ("cpm", dict(simplex_map="sparsemax", inverse_temperature=1.0), "cpm certifies simplex_map 'softmax' or"),
+        ("smoothing", dict(simplex_map="softmax", inverse_temperature=1.0), "smoothing certifies simplex_map 'argmax'"),
+        ("lvm-rs", dict(simplex_map="softmax"), "simplex_map 'softmax' needs an inverse_temperature; got None"),
+    ]
+    for method, fields, match in bad:
+        record = CertificationRecord(0, 0, 0, 0.1, True, method, "l2", 0.0, **fields)
+        with pytest.raises(ValueError, match=match):
+            verify_records(_asymmetric_model(), x, [record], method=method, sigma=1.0, smoothing_n=10)
+
+
+@pytest.mark.parametrize("method", ["lvm-rs", "cpm"])
+def test_certify_run_records_the_classifier_and_verify_uses_it(lipschitz_run, tmp_path, method):
+    from stablenet.certify.run import SmoothingParams
+    from stablenet.data import load_dataset
+
+    run, _ = lipschitz_run
+    params = SmoothingParams(sigma=0.25, n0=20, n=400, alpha=0.01)
+    out = certify_run(
+        run,
+        tmp_path / f"{method}.jsonl",
+        method=method,
+        smoothing=params,
+        max_examples=4,
+        batch_size=400,
+        progress=False,
+    )
+    records = read_records(out)
+    assert all(r.simplex_map is not None for r in records)
+    if method == "cpm":  # an sll_mlp has a Lipschitz bound: soft votes at CPM's default s = 1
+        assert {(r.simplex_map, r.inverse_temperature) for r in records} == {("softmax", 1.0)}
+    # Such a small model abstains often (CPM's flat softmax scores): claim the base model's classes at a small
+    # radius instead, keeping each record's classifier, so that every record is attacked.
+    images, _ = load_dataset("digits", "test")
+    with torch.no_grad():
+        base = load_model(run)(images[: len(records)]).argmax(1).tolist()
+    claims = [
+        CertificationRecord(**{**r.to_dict(), "prediction": p, "radius": 0.01, "correct": p == r.label})
+        for r, p in zip(records, base, strict=True)
+    ]
+    claimed = tmp_path / f"{method}-claims.jsonl"
+    with RecordWriter(claimed, metadata=read_metadata(out)) as writer:
+        writer.write(claims)
+    result = verify_run(run, claimed, steps=2, restarts=1, smoothing_n=400)
+    assert result.n_attacked == len(records) == 4
+    by_index = {r.index: r for r in records}
+    for d in result.details:
+        r = by_index[d["index"]]
+        assert (d["simplex_map"], d["inverse_temperature"]) == (r.simplex_map, r.inverse_temperature)
+        assert d["map_source"] == "record"

@@ -1,7 +1,10 @@
 """Certificates: Lipschitz-margin radii, the shared record format, certification runs and reports."""
 
 from stablenet.certify.lipschitz import (
+    ARITHMETICS,
     LipschitzCertifier,
+    LogitErrorBound,
+    certified_network,
     certify_lipschitz,
     generic_margin_radius,
     lln_margin_radius,
@@ -12,15 +15,18 @@ from stablenet.certify.run import CERTIFY_METHODS, SMOOTHING_METHODS, SmoothingP
 
 __all__ = [
     "ABSTAIN",
+    "ARITHMETICS",
     "CERTIFY_METHODS",
     "RECORD_FIELDS",
     "SMOOTHING_METHODS",
     "STANDARD_RADII",
     "CertificationRecord",
     "LipschitzCertifier",
+    "LogitErrorBound",
     "RecordWriter",
     "SmoothingParams",
     "certified_accuracy",
+    "certified_network",
     "certify_dataset",
     "certify_lipschitz",
     "certify_run",

@@ -4,14 +4,18 @@ Every certifier (Lipschitz margins, randomized smoothing, ...) appends one :clas
 example to a ``.jsonl`` file through a :class:`RecordWriter`; reports and plots
 (:mod:`stablenet.certify.report`) are made from those files alone, never by re-running a certifier.
 
-A record has exactly the keys of :data:`RECORD_FIELDS`, written in that order, one compact JSON object per
-line::
+A record has the keys of :data:`RECORD_FIELDS`, written in that order, one compact JSON object per line::
 
     {"index":0,"label":7,"prediction":7,"radius":0.83,"correct":true,"method":"lipschitz","norm":"l2","time_s":0.01}
 
 ``prediction == ABSTAIN`` means the certifier abstained; ``radius == 0`` means the prediction is not
 certified. Data-set level facts (data set name, model, noise level ...) go into a sidecar
 ``<path>.meta.json`` rather than into every line.
+
+A randomized certifier that smooths a *simplex map* of the logits (``lvm-rs``, ``cpm``) also writes the keys of
+:data:`OPTIONAL_RECORD_FIELDS` after those of :data:`RECORD_FIELDS`: which smoothed classifier this example's
+certificate is about (LVM-RS chooses it per example). Files written before these keys existed load unchanged;
+a record without them writes exactly :data:`RECORD_FIELDS`.
 
 # Note [torn last line]
 A certification run may be killed at any moment. Each batch of records is appended with one ``write``
@@ -40,6 +44,8 @@ from stablenet.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "ABSTAIN",
+    "IDENTITY_KEYS",
+    "OPTIONAL_RECORD_FIELDS",
     "RECORD_FIELDS",
     "CertificationRecord",
     "RecordWriter",
@@ -59,13 +65,18 @@ RECORD_FIELDS: tuple[str, ...] = (
     "norm",
     "time_s",
 )
-"""The keys of a record, exactly, in the order they are written."""
+"""The keys every record has, in the order they are written."""
+
+OPTIONAL_RECORD_FIELDS: tuple[str, ...] = ("simplex_map", "inverse_temperature")
+"""Keys a record may add after :data:`RECORD_FIELDS`, in this order, written only when set (not ``None``)."""
 
 ABSTAIN: int = -1
 """The ``prediction`` of an example on which the certifier abstained (never correct, radius 0)."""
 
 _META_SUFFIX = ".meta.json"
-_KEYS_HINT = "a record has exactly the keys " + ", ".join(RECORD_FIELDS)
+_KEYS_HINT = (
+    "a record has the keys " + ", ".join(RECORD_FIELDS) + " and optionally " + ", ".join(OPTIONAL_RECORD_FIELDS)
+)
 
 
 def _check_int(key: str, value: Any, minimum: int) -> int:
@@ -106,6 +117,11 @@ class CertificationRecord:
         method: Name of the certifier, e.g. ``"lipschitz"`` or ``"smoothing"``.
         norm: Norm of the radius, e.g. ``"l2"``.
         time_s: Wall-clock seconds spent certifying this example (finite, ``>= 0``).
+        simplex_map: Optional (``None``: not recorded). For a randomized certificate, the map of the logits
+            whose Gaussian average was smoothed: ``"softmax"`` or ``"sparsemax"`` (a soft smoothed classifier,
+            argmax over classes of E[map(s * logits(x + noise))]), or ``"argmax"`` (Cohen's hard votes).
+        inverse_temperature: Optional: the finite ``s > 0`` that scales the logits before ``simplex_map``;
+            ``None`` for ``"argmax"``, whose votes do not depend on it. Only together with ``simplex_map``.
 
     Integer and float fields accept NumPy scalars and store them as built-in ``int``/``float``, so that
     :meth:`to_dict` is always JSON-serialisable. Invalid values raise a one-line :class:`ValueError`
@@ -126,6 +142,8 @@ class CertificationRecord:
     method: str
     norm: str
     time_s: float
+    simplex_map: str | None = None
+    inverse_temperature: float | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise NumPy scalars to built-ins through object.__setattr__.
@@ -141,6 +159,18 @@ class CertificationRecord:
         if not isinstance(self.correct, (bool, np.bool_)):
             raise ValueError(f"record field 'correct' must be a bool (true/false); got {self.correct!r}")
         values["correct"] = bool(self.correct)
+        if self.simplex_map is not None:
+            values["simplex_map"] = _check_str("simplex_map", self.simplex_map)
+        if self.inverse_temperature is not None:
+            if self.simplex_map is None:
+                raise ValueError(
+                    "record field 'inverse_temperature' needs 'simplex_map' (the map whose input it scales); "
+                    f"got inverse_temperature={self.inverse_temperature!r} with simplex_map=None"
+                )
+            s = self.inverse_temperature
+            if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real) or not (0 < s < math.inf):
+                raise ValueError(f"record field 'inverse_temperature' must be a finite number > 0 or null; got {s!r}")
+            values["inverse_temperature"] = float(s)
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -161,12 +191,16 @@ class CertificationRecord:
         return self.prediction == ABSTAIN
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the record as a plain dict with exactly the keys of :data:`RECORD_FIELDS`, in order."""
-        return {key: getattr(self, key) for key in RECORD_FIELDS}
+        """Return the record as a plain dict: the keys of :data:`RECORD_FIELDS`, then those of
+        :data:`OPTIONAL_RECORD_FIELDS` that are set, in order."""
+        d = {key: getattr(self, key) for key in RECORD_FIELDS}
+        d.update({key: getattr(self, key) for key in OPTIONAL_RECORD_FIELDS if getattr(self, key) is not None})
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CertificationRecord:
-        """Build a record from a mapping with exactly the keys of :data:`RECORD_FIELDS`.
+        """Build a record from a mapping with the keys of :data:`RECORD_FIELDS` and any of
+        :data:`OPTIONAL_RECORD_FIELDS`.
 
         Raises:
             TypeError: If ``d`` is not a mapping.
@@ -178,17 +212,21 @@ class CertificationRecord:
         missing = [key for key in RECORD_FIELDS if key not in d]
         if missing:
             raise ValueError(f"record is missing key {missing[0]!r}; {_KEYS_HINT}")
-        extra = [key for key in d if key not in RECORD_FIELDS]
+        extra = [key for key in d if key not in RECORD_FIELDS and key not in OPTIONAL_RECORD_FIELDS]
         if extra:
             raise ValueError(f"record has unexpected key {extra[0]!r}; {_KEYS_HINT}")
         if not isinstance(d["correct"], bool):
             # Stricter than the constructor: in a file, `correct` must be a JSON true/false, not 0/1.
             raise ValueError(f"record field 'correct' must be a bool (true/false); got {d['correct']!r}")
-        return cls(**{key: d[key] for key in RECORD_FIELDS})
+        return cls(**{key: d[key] for key in (*RECORD_FIELDS, *OPTIONAL_RECORD_FIELDS) if key in d})
 
     def to_json(self) -> str:
         """Return the record as one compact JSON line (without the newline)."""
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+
+
+#: Sidecar keys that say what the records certify: a resumed file must keep them (one file, one experiment).
+IDENTITY_KEYS = ("dataset", "split", "method", "form", "arithmetic", "sigma", "n0", "n", "alpha")
 
 
 def _metadata_path(path: Path) -> Path:
@@ -289,7 +327,8 @@ class RecordWriter:
         path: The ``.jsonl`` file.
         metadata: Optional JSON-serialisable facts about the run (``dataset``, ``model``, ``sigma`` ...),
             merged into the sidecar ``<path>.meta.json`` (written atomically). If the sidecar already
-            names a different ``dataset``, opening raises :class:`ValueError`: one file, one data set.
+            names a different value for one of :data:`IDENTITY_KEYS` (``dataset``, ``method``, ``sigma`` ...),
+            opening raises :class:`ValueError`: one file, one experiment.
 
     Example:
         >>> with RecordWriter("runs/cert/lipschitz.jsonl", metadata={"dataset": "digits"}) as writer:
@@ -318,7 +357,8 @@ class RecordWriter:
 
         Raises:
             RuntimeError: If already open.
-            ValueError: If the sidecar names another data set, or the existing file is damaged.
+            ValueError: If the sidecar names another data set (or method, noise level ...: :data:`IDENTITY_KEYS`),
+                or the existing file is damaged.
         """
         if self._file is not None:
             raise RuntimeError(f"RecordWriter for {self.path} is already open")
@@ -338,12 +378,13 @@ class RecordWriter:
 
     def _update_metadata(self, metadata: dict[str, Any]) -> None:
         existing = read_metadata(self.path)
-        old, new = existing.get("dataset"), metadata.get("dataset")
-        if old is not None and new is not None and old != new:
-            raise ValueError(
-                f"{self.path} holds records for dataset {old!r}; refusing to add records for dataset "
-                f"{new!r} (use another file)"
-            )
+        for key in IDENTITY_KEYS:
+            old, new = existing.get(key), metadata.get(key)
+            if old is not None and new is not None and old != new:
+                raise ValueError(
+                    f"{self.path} holds records for {key} {old!r}; refusing to add records for {key} "
+                    f"{new!r} (use another file)"
+                )
         merged = {**existing, **metadata}
         try:
             json.dumps(merged)

@@ -10,6 +10,14 @@ Under ``torchrun`` (``WORLD_SIZE > 1``), rank ``r`` certifies every ``world_size
 indices already there) and removes the shards. A killed sharded run resumes like a single one: each rank skips
 what its shard file or ``OUT`` already holds.
 
+# Note [certified classifier]
+LVM-RS and CPM certify a smoothed classifier that is not Cohen's hard-vote one: LVM-RS the average of a simplex
+map (softmax or sparsemax) at an inverse temperature it chooses per example on its selection draws, CPM the
+average softmax at its ``inverse_temperature`` when the model has a finite Lipschitz bound, else hard votes
+(:mod:`stablenet.smoothing.soft`). Each of their records names it in ``simplex_map`` and
+``inverse_temperature``, so that ``verify`` can attack the classifier that was certified: the choice cannot be
+re-derived later, because the noise depends on the chunking (Note [smoothing seeds]).
+
 # Note [smoothing seeds]
 Randomized certifiers draw noise from a generator seeded by ``(seed, first index of the chunk)``: a rerun over
 the same pending examples, with the same batch size and world size, gives the same records. Resuming or
@@ -32,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from stablenet.certify.lipschitz import LipschitzCertifier
-from stablenet.certify.records import CertificationRecord, RecordWriter, read_records
+from stablenet.certify.records import CertificationRecord, RecordWriter, read_metadata, read_records
 
 __all__ = ["CERTIFY_METHODS", "SMOOTHING_METHODS", "SmoothingParams", "certify_dataset", "certify_run"]
 
@@ -60,6 +68,11 @@ class SmoothingParams:
             raise ValueError(f"--alpha must be in (0, 1); got {self.alpha}")
 
 
+_Choice = tuple[str | None, float | None]
+"""``(simplex_map, inverse_temperature)`` of one record (Note [certified classifier])."""
+_Certify = Callable[[Tensor, int], tuple[Tensor, Tensor, list[_Choice]]]
+
+
 def _smoothed_certifier(
     model: nn.Module,
     method: str,
@@ -67,23 +80,40 @@ def _smoothed_certifier(
     params: SmoothingParams,
     input_shape: tuple[int, ...],
     batch_size: int,
-) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+) -> _Certify:
+    def seed(first_index: int) -> int:
+        return params.seed * 1_000_003 + first_index  # Note [smoothing seeds]
+
     if method == "smoothing":
         from stablenet.smoothing.cohen import Smooth
 
-        smooth = Smooth(model, num_classes, params.sigma)
+        cohen = Smooth(model, num_classes, params.sigma)
+
+        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
+            pred, radius = cohen.certify(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
+            return pred, radius, [(None, None)] * len(x)
+
     elif method == "lvm-rs":
         from stablenet.smoothing.lvm import LVMSmooth
 
-        smooth = LVMSmooth(model, num_classes, params.sigma)
+        lvm = LVMSmooth(model, num_classes, params.sigma)
+        names = [m if isinstance(m, str) else getattr(m, "__name__", repr(m)) for m in lvm.maps]
+
+        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
+            result = lvm.certify_detailed(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
+            choices = zip(result.map_index.tolist(), result.temperature.tolist(), strict=True)
+            return result.prediction, result.radius, [(names[m], t) for m, t in choices]
+
     else:
         from stablenet.smoothing.cpm import CPMSmooth
+        from stablenet.smoothing.soft import HARD_VOTES
 
-        smooth = CPMSmooth(model, num_classes, params.sigma, input_shape=input_shape)
+        cpm = CPMSmooth(model, num_classes, params.sigma, input_shape=input_shape)
+        choice: _Choice = ("softmax", cpm.inverse_temperature) if cpm.soft_votes else (HARD_VOTES, None)
 
-    def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor]:
-        seed = params.seed * 1_000_003 + first_index  # Note [smoothing seeds]
-        return smooth.certify(x, params.n0, params.n, params.alpha, batch_size, generator=seed)
+        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
+            pred, radius = cpm.certify(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
+            return pred, radius, [choice] * len(x)
 
     return certify
 
@@ -108,6 +138,7 @@ def certify_dataset(
     *,
     method: str = "lipschitz",
     form: str = "auto",
+    arithmetic: str = "float64",
     smoothing: SmoothingParams | None = None,
     batch_size: int = 256,
     indices: list[int] | None = None,
@@ -122,6 +153,8 @@ def certify_dataset(
         out: JSON Lines file; indices already present are skipped.
         method: one of :data:`CERTIFY_METHODS`.
         form: Lipschitz certificate form (``auto``, ``generic``, ``lln``).
+        arithmetic: what a Lipschitz certificate describes, ``"float64"`` or ``"native"`` (Note [certified
+            arithmetic] in ``stablenet.certify.lipschitz``).
         smoothing: Monte-Carlo settings, required by the randomized methods.
         batch_size: rows per forward pass (images for ``lipschitz``, noisy samples for smoothing).
         indices: subset of example indices to certify (default: all).
@@ -141,12 +174,18 @@ def certify_dataset(
     input_shape = tuple(images.shape[1:])
     meta: dict[str, Any] = {**(metadata or {}), "method": method}
     if method == "lipschitz":
-        lipschitz = LipschitzCertifier(model, form, input_shape)
-        meta.update(form=lipschitz.form, lipschitz=lipschitz.lipschitz)
+        earlier = read_metadata(out) if Path(out).exists() else {}
+        if earlier.get("method") == "lipschitz" and "arithmetic" not in earlier:
+            raise ValueError(
+                f"{out} holds Lipschitz records made before certificates named their arithmetic (they describe the "
+                "model's own float32 forward, with an unproven rounding tolerance); certify into a new file"
+            )
+        lipschitz = LipschitzCertifier(model, form, input_shape, arithmetic)
+        meta.update(form=lipschitz.form, lipschitz=lipschitz.lipschitz, arithmetic=arithmetic)
         chunk = batch_size
 
-        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor]:
-            return lipschitz(x)
+        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
+            return (*lipschitz(x), [(None, None)] * len(x))
 
     else:
         if smoothing is None:
@@ -170,7 +209,7 @@ def certify_dataset(
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
             t0 = time.perf_counter()
-            pred, radius = certify(images[idx].to(device), idx[0])
+            pred, radius, choices = certify(images[idx].to(device), idx[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_example = (time.perf_counter() - t0) / len(idx)
@@ -184,8 +223,12 @@ def certify_dataset(
                     method=method,
                     norm="l2",
                     time_s=per_example,
+                    simplex_map=c[0],
+                    inverse_temperature=c[1],
                 )
-                for i, y, p, r in zip(idx, labels[idx].tolist(), pred.tolist(), radius.tolist(), strict=True)
+                for i, y, p, r, c in zip(
+                    idx, labels[idx].tolist(), pred.tolist(), radius.tolist(), choices, strict=True
+                )
             )
             bar.update(len(idx))
         bar.close()
@@ -216,6 +259,7 @@ def certify_run(
     *,
     method: str = "lipschitz",
     form: str = "auto",
+    arithmetic: str = "float64",
     smoothing: SmoothingParams | None = None,
     split: str = "test",
     data_root: str | None = None,
@@ -245,6 +289,7 @@ def certify_run(
         out,
         method=method,
         form=form,
+        arithmetic=arithmetic,
         smoothing=smoothing,
         batch_size=batch_size,
         indices=list(range(skip, stop)),

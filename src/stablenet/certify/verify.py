@@ -7,21 +7,47 @@ the input for a point where the prediction differs from the certified one. The b
 * **Deterministic certificates** (``lipschitz``): the model is attacked directly with
   :func:`stablenet.certify.attack.pgd_l2`. A certified prediction that changes inside its ball is a
   counter-example: the certificate (or the code that produced it) is wrong.
-* **Randomized certificates** (``smoothing``, ``lvm-rs``, ``cpm``): *an empirical check only*. The
-  smoothed classifier :math:`g(x) = \arg\max_c P(f(x+\delta) = c)` has no gradient, so PGD runs on the
-  Monte-Carlo expectation :math:`\log \frac1k\sum_{i=1}^k \operatorname{softmax} f(x + \sigma\delta_i)`
-  with fresh noise :math:`\delta_i` at every step (expectation over transformation, as in SmoothAdv,
-  Salman et al. 2019), and the smoothed classifier's ``predict`` (Cohen et al. 2019) is then evaluated at
-  the point found. A different, non-abstaining class there is evidence against the certificate, not proof:
-  both the certificate and ``predict`` hold only with probability :math:`1-\alpha`, so a correct
-  certificate is "broken" with probability at most about ``alpha`` per example. For ``lvm-rs`` and
-  ``cpm`` records, Cohen's hard-vote ``predict`` stands in for their soft smoothed classifiers.
+* **Randomized certificates** (``smoothing``, ``lvm-rs``, ``cpm``): *an empirical check only*, of the smoothed
+  classifier that the record's method certifies (Note [certified classifier]). A smoothed classifier has no
+  usable gradient, so PGD runs on a Monte-Carlo surrogate with fresh noise :math:`\delta_i` at every step
+  (expectation over transformation, as in SmoothAdv, Salman et al. 2019), and the smoothed classifier's own
+  Monte-Carlo ``predict`` is then evaluated at the point found. A different, non-abstaining class there is
+  evidence against the certificate, not proof: both the certificate and ``predict`` hold only with
+  probability :math:`1-\alpha`, so a correct certificate is "broken" with probability at most about ``alpha``
+  per example.
 
 An attack that finds nothing proves nothing.
 
 Why our own PGD and not ``torchattacks``: :func:`~stablenet.certify.attack.pgd_l2` takes one radius per
 example (each certificate has its own), uses the margin loss that decides the prediction, batches
 examples with different radii, runs on any device, and adds no dependency.
+
+# Note [certified classifier]
+Each randomized method certifies its own smoothed classifier, so each record is checked against that one:
+
+* ``smoothing`` (Cohen et al. 2019): hard votes, :math:`g(x) = \arg\max_c P(f(x+\delta) = c)`. Surrogate
+  :math:`\log \frac1k\sum_{i=1}^k \operatorname{softmax} f(x + \delta_i)`; check: Cohen's
+  :meth:`~stablenet.smoothing.cohen.Smooth.predict`.
+* ``lvm-rs`` (:mod:`stablenet.smoothing.lvm`): the soft classifier :math:`G(x) = \arg\max_c
+  \mathbb E[h(s\,f(x+\delta))_c]` with the simplex map :math:`h` and inverse temperature :math:`s` chosen for
+  *this* example on the certifier's selection draws, read from the record's ``simplex_map`` and
+  ``inverse_temperature``. Surrogate :math:`\log \frac1k\sum_{i=1}^k h(s\,f(x + \delta_i))` (same map, same
+  temperature); check: :func:`~stablenet.smoothing.soft.soft_predict` (mean scores over ``n`` draws; abstains
+  unless the top class's empirical-Bernstein lower bound beats every other class's upper bound).
+* ``cpm`` (:mod:`stablenet.smoothing.cpm`): when the base model's logits have a finite Lipschitz bound, each
+  noisy copy votes for a class drawn from :math:`\mathrm{softmax}(s\,f)`, so the certified classifier is the
+  soft one above with :math:`h` = softmax at CPM's ``inverse_temperature``; otherwise Cohen's hard votes. The
+  record says which; surrogate and check as for ``lvm-rs`` or ``smoothing``.
+
+Records written before ``simplex_map`` and ``inverse_temperature`` existed: for ``cpm`` the choice depends only
+on the model, so it is re-derived as :func:`~stablenet.certify.run.certify_run` makes it (a
+:class:`~stablenet.smoothing.cpm.CPMSmooth` with its defaults: exact for the same checkpoint and code; logged).
+For ``lvm-rs`` it depended on the certifier's selection draws, which cannot be replayed (their seeds depend on
+how the run was chunked, resumed and sharded, and on the device), so
+:meth:`~stablenet.smoothing.lvm.LVMSmooth.select` re-selects on fresh ``n0`` draws with the certifier's rule and
+a one-line warning says so: the check is then about a classifier that may differ from the certified one
+wherever two candidates were close. Each attacked record's details say which classifier was checked and where
+it came from (``map_source``: ``record``, ``method``, ``re-derived`` or ``re-selected``).
 
 Example:
     >>> result = verify_run("runs/digits", "runs/digits/lipschitz.jsonl")
@@ -44,12 +70,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from stablenet.certify.attack import pgd_l2
+from stablenet.certify.lipschitz import certified_network
 from stablenet.certify.records import ABSTAIN, CertificationRecord, read_metadata, read_records
+from stablenet.precision import sound_arithmetic
 
 __all__ = [
     "ATTACKS",
     "DEFAULT_SMOOTHING_ALPHA",
     "DEFAULT_SMOOTHING_N",
+    "DEFAULT_SMOOTHING_N0",
     "DETERMINISTIC_METHODS",
     "RADIUS_FACTOR",
     "RANDOMIZED_METHODS",
@@ -78,6 +107,9 @@ DEFAULT_SMOOTHING_N: int = 1000
 DEFAULT_SMOOTHING_ALPHA: float = 0.001
 """Level of the smoothed classifier's ``predict`` when the sidecar has no ``alpha``."""
 
+DEFAULT_SMOOTHING_N0: int = 100
+"""Selection draws of the certifier (re-selecting LVM-RS's map) when the sidecar has no ``n0``."""
+
 
 @dataclass
 class VerifyResult:
@@ -91,8 +123,10 @@ class VerifyResult:
         n_attacked: certified records attacked (at most ``max_examples``).
         n_broken: attacked records whose prediction changed inside ``RADIUS_FACTOR`` times their radius.
         broken_indices: data-set indices of the broken records, sorted.
-        details: one dict per attacked record: ``index, label, prediction, radius, attack_radius,
-            adversarial_prediction, distance, broken`` (``clean_prediction`` for deterministic records).
+        details: one dict per attacked record, by index: ``index, label, prediction, radius, attack_radius,
+            adversarial_prediction, distance, broken``, and ``clean_prediction`` for deterministic records or
+            ``simplex_map, inverse_temperature, map_source`` (the smoothed classifier checked, Note [certified
+            classifier]) for randomized ones.
     """
 
     method: str
@@ -125,19 +159,25 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-class _ExpectedSoftmax(nn.Module):
-    r"""``log mean_i softmax(f(x + sigma * delta_i))`` over ``draws`` fresh noise draws per call."""
+class _ExpectedScores(nn.Module):
+    r"""``log mean_i h(s * f(x + sigma * delta_i))`` over ``draws`` fresh noise draws per call (Note [certified
+    classifier]); ``h`` a simplex map, computed in float64, returned in the input's dtype."""
 
-    def __init__(self, base: nn.Module, sigma: float, draws: int, generator: torch.Generator) -> None:
+    def __init__(
+        self, base: nn.Module, sigma: float, draws: int, generator: torch.Generator, simplex_map: str, s: float
+    ) -> None:
         super().__init__()
         self.base, self.sigma, self.draws, self.generator = base, sigma, draws, generator
+        self.simplex_map, self.s = simplex_map, s
 
     def forward(self, x: Tensor) -> Tensor:
+        from stablenet.smoothing.soft import simplex_scores
+
         batch = x.repeat_interleave(self.draws, dim=0)
         noise = torch.randn(batch.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        probs = self.base(batch + self.sigma * noise).softmax(dim=1)
-        mean = probs.view(len(x), self.draws, -1).mean(dim=1)
-        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+        scores = simplex_scores(self.base(batch + self.sigma * noise), self.simplex_map, self.s)
+        mean = scores.view(len(x), self.draws, -1).mean(dim=1)
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log().to(x.dtype)
 
 
 def verify_records(
@@ -157,6 +197,9 @@ def verify_records(
     alpha: float = DEFAULT_SMOOTHING_ALPHA,
     eot_samples: int = 8,
     noise_batch_size: int = 1000,
+    certify_n0: int = DEFAULT_SMOOTHING_N0,
+    certify_n: int | None = None,
+    arithmetic: str = "float64",
     progress: bool = False,
 ) -> VerifyResult:
     """Attack each certified record at ``RADIUS_FACTOR`` times its radius; count changed predictions.
@@ -174,9 +217,14 @@ def verify_records(
         generator: CPU generator for random starts and noise seeds (default: a fresh seed).
         sigma: noise level of the smoothed classifier (required for randomized methods).
         num_classes: outputs of the base model (randomized methods; default: from one forward pass).
-        smoothing_n, alpha: Monte-Carlo samples and level of the smoothed classifier's ``predict``.
+        smoothing_n, alpha: Monte-Carlo samples and level of the smoothed classifier's ``predict`` (``alpha`` is
+            also the certifier's level when LVM-RS's map is re-selected).
         eot_samples: noise draws per PGD step in the expectation (randomized methods).
         noise_batch_size: noisy rows per forward pass in ``predict``.
+        certify_n0, certify_n: the certifier's ``n0`` and ``n`` (default ``smoothing_n``), used only to re-select
+            the map of ``lvm-rs`` records that do not name it (Note [certified classifier]).
+        arithmetic: for Lipschitz records, the arithmetic they certify (``"float64"`` or ``"native"``, Note
+            [certified arithmetic] in ``stablenet.certify.lipschitz``): the attack runs on that network.
         progress: show a tqdm bar.
 
     Returns:
@@ -184,7 +232,8 @@ def verify_records(
 
     Raises:
         ValueError: unknown method, records of another method or norm, indices outside ``images``,
-            missing ``sigma`` for a randomized method, or a bad count.
+            missing ``sigma`` for a randomized method, a record naming a smoothed classifier its method does not
+            certify, or a bad count.
     """
     _check_method(method)
     if restarts < 1 or steps < 1 or batch_size < 1:
@@ -215,6 +264,7 @@ def verify_records(
             model,
             images,
             todo,
+            method=method,
             sigma=float(sigma),
             num_classes=num_classes,
             restarts=restarts,
@@ -225,11 +275,17 @@ def verify_records(
             alpha=alpha,
             eot_samples=eot_samples,
             noise_batch_size=noise_batch_size,
+            certify_n0=certify_n0,
+            certify_n=smoothing_n if certify_n is None else certify_n,
             device=device,
             progress=progress,
         )
     else:
-        details = _attack_deterministic(model, images, todo, restarts, steps, batch_size, generator, device, progress)
+        network = certified_network(model, arithmetic)
+        with sound_arithmetic():
+            details = _attack_deterministic(
+                network, images, todo, restarts, steps, batch_size, generator, device, progress
+            )
     broken = sorted(d["index"] for d in details if d["broken"])
     if broken:
         logger.warning("%d of %d attacked %s certificates broken: %s", len(broken), len(todo), method, broken[:20])
@@ -245,13 +301,11 @@ def verify_records(
     )
 
 
-def _batches(todo: list[CertificationRecord], batch_size: int, progress: bool, desc: str):
-    bar = tqdm(total=len(todo), desc=desc, disable=not progress)
+def _batches(todo: list, batch_size: int, bar: tqdm):
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         yield chunk
         bar.update(len(chunk))
-    bar.close()
 
 
 def _detail(r: CertificationRecord, attack_radius: float, adv: int, distance: float, broken: bool) -> dict:
@@ -279,8 +333,10 @@ def _attack_deterministic(
     progress: bool,
 ) -> list[dict[str, Any]]:
     details: list[dict[str, Any]] = []
-    for chunk in _batches(todo, batch_size, progress, "verify (pgd)"):
-        x = images[[r.index for r in chunk]].to(device)
+    bar = tqdm(total=len(todo), desc="verify (pgd)", disable=not progress)
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), images.dtype)
+    for chunk in _batches(todo, batch_size, bar):
+        x = images[[r.index for r in chunk]].to(device=device, dtype=dtype)
         target = torch.tensor([r.prediction for r in chunk], device=device)
         eps = torch.tensor([RADIUS_FACTOR * r.radius for r in chunk], dtype=torch.float64)
         x_adv, flipped = pgd_l2(model, x, target, eps.to(device), steps=steps, restarts=restarts, generator=generator)
@@ -294,7 +350,81 @@ def _attack_deterministic(
             chunk, eps.tolist(), clean.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), strict=True
         ):
             details.append({**_detail(r, e, a, d, b), "clean_prediction": c})
+    bar.close()
     return details
+
+
+_Classifier = tuple[str, float | None, str]
+"""``(simplex_map, inverse_temperature, map_source)`` of one record (Note [certified classifier])."""
+
+
+def _certified_classifiers(
+    method: str,
+    model: nn.Module,
+    images: Tensor,
+    todo: list[CertificationRecord],
+    *,
+    sigma: float,
+    num_classes: int,
+    certify_n0: int,
+    certify_n: int,
+    alpha: float,
+    noise_batch_size: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[_Classifier]:
+    """The smoothed classifier each record's certificate is about (Note [certified classifier])."""
+    from stablenet.smoothing.lvm import SIMPLEX_MAPS
+    from stablenet.smoothing.soft import HARD_VOTES
+
+    allowed = {"smoothing": (HARD_VOTES,), "lvm-rs": tuple(SIMPLEX_MAPS), "cpm": ("softmax", HARD_VOTES)}[method]
+    out: list[_Classifier | None] = []
+    for r in todo:
+        if r.simplex_map is None:
+            out.append((HARD_VOTES, None, "method") if method == "smoothing" else None)
+        elif r.simplex_map not in allowed:
+            raise ValueError(
+                f"record {r.index}: {method} certifies simplex_map {' or '.join(map(repr, allowed))}; "
+                f"got {r.simplex_map!r}"
+            )
+        elif r.simplex_map != HARD_VOTES and r.inverse_temperature is None:
+            raise ValueError(f"record {r.index}: simplex_map {r.simplex_map!r} needs an inverse_temperature; got None")
+        else:
+            s = None if r.simplex_map == HARD_VOTES else r.inverse_temperature
+            out.append((r.simplex_map, s, "record"))
+    missing = [i for i, c in enumerate(out) if c is None]
+    if missing and method == "cpm":
+        from stablenet.smoothing.cpm import CPMSmooth
+
+        cpm = CPMSmooth(model, num_classes, sigma, input_shape=tuple(images.shape[1:]), input_range=None)
+        soft = cpm.soft_votes  # a finite Lipschitz bound on the logits: soft votes (cpm's Note [what L means])
+        choice = ("softmax" if soft else HARD_VOTES, cpm.inverse_temperature if soft else None, "re-derived")
+        logger.info(
+            "%d cpm records name no simplex_map; re-derived from the model as certify_run does: %s at s = %s",
+            len(missing),
+            choice[0],
+            choice[1],
+        )
+        for i in missing:
+            out[i] = choice
+    elif missing:  # lvm-rs
+        from stablenet.smoothing.lvm import LVMSmooth
+
+        logger.warning(
+            "%d lvm-rs records name no simplex_map/inverse_temperature (written before they were recorded); "
+            "re-selecting each on %d fresh draws with the certifier's rule, which may differ from its choice",
+            len(missing),
+            certify_n0,
+        )
+        lvm = LVMSmooth(model, num_classes, sigma, input_range=None)
+        for start in range(0, len(missing), batch_size):
+            rows = missing[start : start + batch_size]
+            x = images[[todo[i].index for i in rows]].to(device)
+            map_index, temperature = lvm.select(x, certify_n0, certify_n, alpha, noise_batch_size, generator)
+            for i, m, t in zip(rows, map_index.tolist(), temperature.tolist(), strict=True):
+                out[i] = (lvm.maps[m], t, "re-selected")
+    return [c for c in out if c is not None]  # every None was filled above
 
 
 def _attack_smoothed(
@@ -302,6 +432,7 @@ def _attack_smoothed(
     images: Tensor,
     todo: list[CertificationRecord],
     *,
+    method: str,
     sigma: float,
     num_classes: int | None,
     restarts: int,
@@ -312,6 +443,8 @@ def _attack_smoothed(
     alpha: float,
     eot_samples: int,
     noise_batch_size: int,
+    certify_n0: int,
+    certify_n: int,
     device: torch.device,
     progress: bool,
 ) -> list[dict[str, Any]]:
@@ -325,6 +458,7 @@ def _attack_smoothed(
         return []
     from stablenet.smoothing.cohen import Smooth
     from stablenet.smoothing.sampling import make_generator
+    from stablenet.smoothing.soft import HARD_VOTES, soft_predict
 
     if num_classes is None:
         with torch.no_grad():
@@ -333,21 +467,66 @@ def _attack_smoothed(
     # seeded from the CPU generator so that one seed fixes the whole check.
     seed = int(torch.randint(2**62, (1,), generator=generator))
     noise_gen = make_generator(seed, device)
-    expected = _ExpectedSoftmax(model, sigma, eot_samples, noise_gen)
+    classifiers = _certified_classifiers(
+        method,
+        model,
+        images,
+        todo,
+        sigma=sigma,
+        num_classes=num_classes,
+        certify_n0=certify_n0,
+        certify_n=certify_n,
+        alpha=alpha,
+        noise_batch_size=noise_batch_size,
+        batch_size=batch_size,
+        generator=noise_gen,
+        device=device,
+    )
     # The certificate covers the whole l2 ball, not only its part inside the pixel box: no range check.
-    smoothed = Smooth(model, num_classes, sigma, input_range=None)
-    details: list[dict[str, Any]] = []
-    for chunk in _batches(todo, batch_size, progress, "verify (pgd, smoothed)"):
-        x = images[[r.index for r in chunk]].to(device)
-        target = torch.tensor([r.prediction for r in chunk], device=device)
-        eps = torch.tensor([RADIUS_FACTOR * r.radius for r in chunk], dtype=torch.float64)
-        x_adv, _ = pgd_l2(expected, x, target, eps.to(device), steps=steps, restarts=restarts, generator=generator)
-        adv = smoothed.predict(x_adv, n, alpha, noise_batch_size, generator=noise_gen)
-        adv = torch.as_tensor(adv).to(device)
-        broken = (adv != ABSTAIN) & (adv != target)
-        distance = (x_adv - x).flatten(1).norm(dim=1)
-        for r, e, a, d, b in zip(chunk, eps.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), strict=True):
-            details.append(_detail(r, e, a, d, b))
+    cohen = Smooth(model, num_classes, sigma, input_range=None)
+    groups: dict[tuple[str, float | None], list[int]] = {}
+    for i, (simplex_map, s, _) in enumerate(classifiers):
+        groups.setdefault((simplex_map, s), []).append(i)
+    details: list[dict[str, Any]] = [{} for _ in todo]
+    bar = tqdm(total=len(todo), desc="verify (pgd, smoothed)", disable=not progress)
+    for (simplex_map, s), members in groups.items():
+        hard = simplex_map == HARD_VOTES
+        # Hard votes have no gradient at all; the softmax at s = 1 is the usual smooth stand-in (SmoothAdv).
+        surrogate = _ExpectedScores(
+            model, sigma, eot_samples, noise_gen, "softmax" if hard else simplex_map, 1.0 if hard else float(s)
+        )
+        for rows in _batches(members, batch_size, bar):
+            chunk = [todo[i] for i in rows]
+            x = images[[r.index for r in chunk]].to(device)
+            target = torch.tensor([r.prediction for r in chunk], device=device)
+            eps = torch.tensor([RADIUS_FACTOR * r.radius for r in chunk], dtype=torch.float64)
+            x_adv, _ = pgd_l2(surrogate, x, target, eps.to(device), steps=steps, restarts=restarts, generator=generator)
+            if hard:
+                adv = cohen.predict(x_adv, n, alpha, noise_batch_size, generator=noise_gen)
+            else:
+                adv = soft_predict(
+                    model,
+                    x_adv,
+                    sigma,
+                    n,
+                    alpha,
+                    noise_batch_size,
+                    simplex_map=simplex_map,
+                    inverse_temperature=float(s),
+                    generator=noise_gen,
+                )
+            adv = torch.as_tensor(adv).to(device)
+            broken = (adv != ABSTAIN) & (adv != target)
+            distance = (x_adv - x).flatten(1).norm(dim=1)
+            values = zip(rows, chunk, eps.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), strict=True)
+            for i, r, e, a, d, b in values:
+                details[i] = {
+                    **_detail(r, e, a, d, b),
+                    "simplex_map": simplex_map,
+                    "inverse_temperature": s,
+                    "map_source": classifiers[i][2],
+                }
+    bar.close()
     return details
 
 
@@ -383,8 +562,9 @@ def verify_run(
 
     The data set and split come from the records' sidecar metadata (``FILE.meta.json``); for randomized
     methods so do ``sigma`` (required), ``n`` (default :data:`DEFAULT_SMOOTHING_N`) and ``alpha``
-    (default :data:`DEFAULT_SMOOTHING_ALPHA`) of the smoothed classifier's ``predict``. Randomized records
-    get an empirical check only (see the module docstring).
+    (default :data:`DEFAULT_SMOOTHING_ALPHA`) of the smoothed classifier's ``predict``, and the certifier's
+    ``n0`` and ``n`` (to re-select LVM-RS's map for old records). Randomized records get an empirical check
+    only, of the classifier their method certifies (see the module docstring).
 
     Args:
         run_dir: run directory holding ``model.safetensors``.
@@ -430,15 +610,19 @@ def verify_run(
                 f"{records_path}: record {r.index} (label {r.label}) does not match {meta['dataset']} "
                 f"{meta.get('split', 'test')} ({len(images)} examples); were the records made on another data set?"
             )
-    options: dict[str, Any] = {}
+    # Lipschitz records made before the float64 default certified the model's own float32 forward
+    options: dict[str, Any] = {"arithmetic": meta.get("arithmetic", "native")}
     if method in RANDOMIZED_METHODS:
         if "sigma" not in meta:
             raise ValueError(f"{records_path}.meta.json has no 'sigma'; {method} records need their noise level")
         options = {
+            **options,
             "sigma": float(meta["sigma"]),
             "num_classes": int(model_meta["num_classes"]),
             "smoothing_n": int(smoothing_n if smoothing_n is not None else meta.get("n", DEFAULT_SMOOTHING_N)),
             "alpha": float(meta.get("alpha", DEFAULT_SMOOTHING_ALPHA)),
+            "certify_n0": int(meta.get("n0", DEFAULT_SMOOTHING_N0)),
+            "certify_n": int(meta.get("n", DEFAULT_SMOOTHING_N)),
         }
     return verify_records(
         model,

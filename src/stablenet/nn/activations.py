@@ -6,8 +6,12 @@ in l2 and its Jacobian is orthogonal almost everywhere (gradient norm preserving
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+from stablenet.spectral.rounding import RoundingBound
 
 __all__ = ["GroupSort", "MaxMin"]
 
@@ -43,6 +47,10 @@ class GroupSort(nn.Module):
 
     def lipschitz_bound(self) -> float:
         return 1.0
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """Exact: a permutation of its input within each group."""
+        return RoundingBound.exact()
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, dim={self.dim}"

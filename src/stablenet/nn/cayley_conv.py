@@ -52,6 +52,14 @@ from torch import Tensor, nn
 from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache, at_least_float32
 from stablenet.nn.constrained import check_odd_kernel
 from stablenet.nn.orthogonal import polish
+from stablenet.spectral.rounding import (
+    RoundingBound,
+    fft_relative_error,
+    gamma,
+    max_input_norm,
+    smallest_normal,
+    unit_roundoff,
+)
 
 __all__ = ["CayleyConv2d"]
 
@@ -179,6 +187,35 @@ class CayleyConv2d(nn.Module):
     def lipschitz_bound(self, input_shape: Sequence[int] | None = None) -> float:
         """``1 + LAYER_ROUNDING_SLACK`` (orthogonal up to rounding; Note [rounding slack] in ``nn.base``)."""
         return 1.0 + LAYER_ROUNDING_SLACK
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        r"""How far ``forward`` in ``dtype`` can be from the exact map with the ideal (float64-polished) ``Q``.
+
+        It rests on the *assumed* FFT accuracy :math:`\varepsilon` of
+        :func:`~stablenet.spectral.rounding.fft_relative_error` (Note [rounding model] there), per axis. With
+        :math:`N = n_1 n_2`: the forward transform is within :math:`\varepsilon\sqrt N\|x\|`; each frequency's
+        product with the complex ``c_out x c_in`` block (rounded once from the ideal one) is a complex dot product
+        of length :math:`c_\text{in}`, within :math:`\sqrt2\gamma_{2c_\text{in}+4}\|Q(\omega)\|_F\|\hat x(\omega)\|`,
+        with :math:`\|Q(\omega)\|_F \le \sqrt{\min(c_\text{in}, c_\text{out})}`; the inverse half-spectrum
+        transform has norm at most :math:`\sqrt{2/N}` and its own error :math:`\varepsilon`; the bias and the
+        final cast to ``dtype`` round once each.
+        """
+        n1, n2 = (int(v) for v in input_shape[-2:])
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        eps = fft_relative_error(n1, work) + fft_relative_error(n2, work)
+        eps = eps + eps * eps
+        width = math.sqrt(min(self.in_channels, self.out_channels))
+        product = math.sqrt(2.0) * gamma(2 * self.in_channels + 4, work) * width
+        # spectrum error (eps), product error on the computed spectrum ((1 + eps) product), inverse transform
+        inner = (eps + product * (1.0 + eps)) * math.sqrt(2.0) * (1.0 + eps) + eps * (1.0 + product)
+        pixels = n1 * n2
+        bias = 0.0 if self.bias is None else float(self.bias.detach().double().norm()) * math.sqrt(pixels)
+        u = unit_roundoff(work) + unit_roundoff(dtype)
+        relative = inner + u * (1.0 + inner)
+        absolute = u * bias + smallest_normal(dtype) * math.sqrt(self.out_channels * pixels) * 4.0
+        # every spectral value is at most ||x||_1 <= sqrt(c_in N) ||x||, times ||Q(w)||_F after the product
+        limit = max_input_norm(math.sqrt(self.in_channels * pixels) * (1.0 + eps) * (1.0 + width), bias, work)
+        return RoundingBound(relative * (1.0 + 1e-9), absolute * (1.0 + 1e-9), limit)
 
     def export(self, input_size: int | Sequence[int] | None = None) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` (full-size kernel, circular padding) equal to this layer on ``input_size`` inputs.

@@ -21,6 +21,7 @@ count, which depends on the input size). The Gram-kernel bounds and rescalings b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,8 +31,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache, at_least_float32
+from stablenet.spectral.rounding import (
+    RoundingBound,
+    abs_conv_norm_bound,
+    affine_rounding,
+    conv_output_size,
+    linear_rounding,
+)
 
 __all__ = [
+    "CONSTRAINED_WEIGHT_ROUNDINGS",
     "ConstrainedConv2d",
     "ConstrainedLinear",
     "Constraint",
@@ -39,12 +48,18 @@ __all__ = [
     "check_odd_kernel",
     "check_padding_mode",
     "constraints_of",
+    "conv_rounding",
     "layer_geometry",
     "register_constraint",
     "remove_constraint",
 ]
 
 PADDING_MODES = ("zeros", "circular")
+
+#: Roundings between a constraint's ideal float64 weight and the one a forward multiplies by: the scale or
+#: bound cast to the weight's dtype, the product or quotient, and a cast to a narrower input dtype (Note
+#: [rounding model] in ``stablenet.spectral.rounding``); one to spare.
+CONSTRAINED_WEIGHT_ROUNDINGS = 4
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,13 @@ class ConstrainedLinear(nn.Linear):
         """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
         return 1.0 + LAYER_ROUNDING_SLACK
 
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """How far ``forward`` in ``dtype`` can be from the map with the ideal constrained weight
+        (``stablenet.spectral.rounding``); ``input_shape`` excludes the batch dimension."""
+        with torch.no_grad():
+            w = self._cache.get(self, _cache_params(self), self.constrained_weight)
+            return linear_rounding(w, self.bias, tuple(input_shape), dtype, CONSTRAINED_WEIGHT_ROUNDINGS)
+
     def export(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the constrained weight: the same outputs at no constraint cost."""
         with torch.no_grad():
@@ -231,6 +253,13 @@ class ConstrainedConv2d(nn.Conv2d):
         """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
         return 1.0 + LAYER_ROUNDING_SLACK
 
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """How far ``forward`` in ``dtype`` can be from the convolution with the ideal constrained kernel
+        (``stablenet.spectral.rounding``); ``input_shape`` is ``(C, H, W)``."""
+        with torch.no_grad():
+            w = self._cache.get(self, _cache_params(self), self.constrained_weight)
+            return conv_rounding(self, w, input_shape, dtype, CONSTRAINED_WEIGHT_ROUNDINGS)
+
     def export(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the constrained kernel: the same outputs at no constraint cost."""
         with torch.no_grad():
@@ -252,6 +281,32 @@ class ConstrainedConv2d(nn.Conv2d):
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
         return plain.train(self.training)
+
+
+def conv_rounding(
+    conv: nn.Conv1d | nn.Conv2d, weight: Tensor, input_shape: Sequence[int], dtype: torch.dtype, weight_roundings: int
+) -> RoundingBound:
+    """:func:`~stablenet.spectral.rounding.affine_rounding` of ``conv``'s forward with kernel ``weight`` on one input
+    of shape ``input_shape`` (channels first; zero or circular padding, which copies values exactly)."""
+    nd = weight.dim() - 2
+    out = conv_output_size(
+        tuple(int(s) for s in input_shape[-nd:]),
+        tuple(weight.shape[2:]),
+        tuple(conv.stride),
+        conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+        tuple(conv.dilation),
+    )
+    pixels = math.prod(out)
+    bias = 0.0 if conv.bias is None else float(conv.bias.detach().double().norm()) * math.sqrt(pixels)
+    return affine_rounding(
+        abs_conv_norm_bound(weight, conv.groups),
+        bias,
+        math.prod(weight.shape[1:]),
+        weight.shape[0] * pixels,
+        float(weight.detach().abs().max()) if weight.numel() else 0.0,
+        dtype,
+        weight_roundings,
+    )
 
 
 def register_constraint(module: nn.Module, name: str, constraint: nn.Module) -> nn.Module:

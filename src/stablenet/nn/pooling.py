@@ -24,11 +24,15 @@ Both expose ``lipschitz_bound()`` (``1 + LAYER_ROUNDING_SLACK``, Note [rounding 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablenet.nn.base import LAYER_ROUNDING_SLACK
+from stablenet.spectral.rounding import RoundingBound, gamma, max_input_norm, overflow_limit, smallest_normal
 
 __all__ = ["L2NormPool2d", "LipAvgPool2d"]
 
@@ -40,6 +44,12 @@ def _window(kernel_size: int, stride: int | None, name: str) -> tuple[int, int]:
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"{name} needs stride, a positive int or None (= kernel_size); got {stride!r}")
     return kernel_size, stride
+
+
+def _pooled_outputs(input_shape: Sequence[int], k: int, s: int) -> int:
+    """Outputs per example of a ``k x k`` window with stride ``s`` (no padding, floor mode) on ``(C, H, W)``."""
+    c, h, w = (int(v) for v in input_shape[-3:])
+    return c * max(0, (h - k) // s + 1) * max(0, (w - k) // s + 1)
 
 
 def _check_input(x: Tensor, k: int, name: str) -> None:
@@ -77,6 +87,18 @@ class LipAvgPool2d(nn.Module):
     def lipschitz_bound(self) -> float:
         """``1 + LAYER_ROUNDING_SLACK`` (exact norm 1 for non-overlapping windows, at most 1 otherwise)."""
         return 1.0 + LAYER_ROUNDING_SLACK
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        r"""Each output is a sum of :math:`k^2` inputs, then divided: within :math:`\gamma_{k^2+2}` of the exact
+        value relative to the same sum of absolute values (Note [rounding model] in
+        ``stablenet.spectral.rounding``). The pooling matrix is non-negative, so that sum has l2 norm at most the
+        operator norm (:math:`\le 1`) times :math:`\|z\|`."""
+        terms = self.kernel_size**2
+        outputs = _pooled_outputs(input_shape, self.kernel_size, self.stride)
+        g = gamma(terms + 2, dtype)
+        absolute = smallest_normal(dtype) * math.sqrt(outputs) * (terms + 2)
+        # a window sum is at most k ||z|| (Cauchy-Schwarz on k^2 entries)
+        return RoundingBound(g, absolute, max_input_norm(self.kernel_size * (1.0 + g), 0.0, dtype))
 
     def export(self) -> nn.AvgPool2d:
         """``nn.AvgPool2d(k, s, divisor_override=k * ceil(k / s))``: the same map in plain torch."""
@@ -124,6 +146,17 @@ class L2NormPool2d(nn.Module):
     def lipschitz_bound(self) -> float:
         """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
         return 1.0 + LAYER_ROUNDING_SLACK
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        r"""The squares and their sum (positive terms) are within :math:`\gamma_{k^2}` relatively, the root adds one
+        rounding, so each output is within :math:`\gamma_{k^2+2}` of its value, and the outputs' l2 norm is at most
+        :math:`\|z\|` (disjoint windows). Squares that underflow move a sum by at most :math:`k^2\eta_{\min}`,
+        its root by at most :math:`k\sqrt{\eta_{\min}}`."""
+        k = self.kernel_size
+        outputs = _pooled_outputs(input_shape, k, self.stride)
+        g = gamma(k * k + 2, dtype)
+        absolute = 2.0 * k * math.sqrt(smallest_normal(dtype)) * math.sqrt(outputs)
+        return RoundingBound(g, absolute, math.sqrt(overflow_limit(dtype) / (1.0 + g)))
 
     def export(self) -> nn.LPPool2d:
         """``nn.LPPool2d(2, k, s)``: the same outputs, but NaN gradients at all-zero windows (inference only)."""

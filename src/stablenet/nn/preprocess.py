@@ -7,11 +7,14 @@ default to :math:`s = 1` (centring only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stablenet.spectral.rounding import RoundingBound, gamma, max_input_norm, smallest_normal
 
 __all__ = ["ChannelPad", "InputNormalization"]
 
@@ -54,6 +57,19 @@ class InputNormalization(nn.Module):
         # Division rounds; one part in 1e-12 covers it for any float64-representable std.
         return float(1.0 / self.std.double().min()) * (1.0 + 1e-12)
 
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        r"""``(x - mean) / std`` in ``dtype``, with ``mean`` and ``std`` possibly rounded to it first: four
+        roundings, so each output is within :math:`\gamma_4 (|x| + |\mu_c|)/s_c` of the exact value (Note
+        [rounding model] in ``stablenet.spectral.rounding``)."""
+        std = self.std.detach().double()
+        pixels = math.prod(int(v) for v in input_shape[1:])
+        offset = float((self.mean.detach().double() / std).norm()) * math.sqrt(pixels)
+        g, inv = gamma(4, dtype), float(1.0 / std.min())
+        numel = math.prod(int(v) for v in input_shape)
+        absolute = g * offset + smallest_normal(dtype) * math.sqrt(numel)
+        limit = max_input_norm(inv * (1.0 + g), offset * (1.0 + g), dtype)
+        return RoundingBound(g * inv * (1.0 + 1e-12), absolute * (1.0 + 1e-12), limit)
+
 
 class ChannelPad(nn.Module):
     """Append zero channels (dimension 1) up to ``out_channels``: an isometry, so 1-Lipschitz."""
@@ -72,6 +88,10 @@ class ChannelPad(nn.Module):
 
     def lipschitz_bound(self) -> float:
         return 1.0
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """Exact: it copies values and appends zeros."""
+        return RoundingBound.exact()
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}"

@@ -24,6 +24,7 @@ circular conv with the flipped kernel (tested as :math:`\langle Cx, y\rangle = \
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -31,8 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablenet.nn.base import LAYER_ROUNDING_SLACK, WeightCache
-from stablenet.nn.constrained import check_odd_kernel, check_padding_mode
+from stablenet.nn.constrained import CONSTRAINED_WEIGHT_ROUNDINGS, check_odd_kernel, check_padding_mode
 from stablenet.nn.residual import Residual
+from stablenet.spectral.rounding import (
+    RoundingBound,
+    abs_conv_norm_bound,
+    abs_matrix_norm_bound,
+    affine_rounding,
+    residual_rounding,
+)
 
 __all__: list[str] = []
 
@@ -114,6 +122,29 @@ class _ResidualLayer(nn.Module):
         """``1 + LAYER_ROUNDING_SLACK`` (see Note [rounding slack] in ``stablenet.nn.base``)."""
         return 1.0 + LAYER_ROUNDING_SLACK
 
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """How far ``forward`` in ``dtype`` can be from the layer with the ideal (float64-scaled) second factor
+        (:func:`~stablenet.spectral.rounding.residual_rounding`); ``input_shape`` excludes the batch dimension."""
+        with torch.no_grad():
+            params = [self.weight, self.q_log] if self._learned_q else [self.weight]
+            back = self._cache.get(self, params, self.back_weight)
+            weight = self.weight.detach()
+            k = CONSTRAINED_WEIGHT_ROUNDINGS
+            pixels, first_norm, back_norm, first_dot, back_dot = self._rounding_geometry(input_shape, weight, back)
+            inner, channels = weight.shape[0] * pixels, weight.shape[1] * pixels
+            bias = 0.0 if self.bias is None else float(self.bias.detach().double().norm()) * math.sqrt(pixels)
+            first = affine_rounding(first_norm, bias, first_dot, inner, float(weight.abs().max()), dtype)
+            second = affine_rounding(back_norm, 0.0, back_dot, channels, float(back.abs().max()), dtype, k)
+            entries = math.sqrt(float(channels) * back_dot)
+            return residual_rounding(first, first_norm, bias, second, back_norm, k, entries, channels, dtype)
+
+    def _rounding_geometry(
+        self, input_shape: Sequence[int], weight: Tensor, back: Tensor
+    ) -> tuple[int, float, float, int, int]:
+        """``(positions, |W| norm bound, |B| norm bound, first dot length, second dot length)``: positions is the
+        number of rows (dense) or pixels (conv) each weight is applied at."""
+        raise NotImplementedError
+
     def export(self) -> Residual:
         """Plain ``Residual(Sequential(first, ReLU(), second))`` holding ``back_weight()``: the same outputs."""
         with torch.no_grad():
@@ -166,6 +197,12 @@ class _ResidualLinear(_ResidualLayer):
 
     def _first(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def _rounding_geometry(
+        self, input_shape: Sequence[int], weight: Tensor, back: Tensor
+    ) -> tuple[int, float, float, int, int]:
+        rows = math.prod(input_shape[:-1])
+        return rows, abs_matrix_norm_bound(weight), abs_matrix_norm_bound(back), self.features, self.inner_features
 
     def _second(self, h: Tensor, back: Tensor) -> Tensor:
         return F.linear(h, back)
@@ -228,6 +265,16 @@ class _ResidualConv2d(_ResidualLayer):
 
     def _first(self, x: Tensor) -> Tensor:
         return _conv_same(x, self.weight, self.bias, self.padding, self.padding_mode)
+
+    def _rounding_geometry(
+        self, input_shape: Sequence[int], weight: Tensor, back: Tensor
+    ) -> tuple[int, float, float, int, int]:
+        # stride 1, "same" padding: every map keeps the H x W pixels; the second is the adjoint of a conv with
+        # kernel `back` (or a conv with its flipped transpose), whose |.| norm bound is the same.
+        taps = math.prod(self.kernel_size)
+        pixels = math.prod(input_shape[-2:])
+        first_norm, back_norm = abs_conv_norm_bound(weight), abs_conv_norm_bound(back)
+        return pixels, first_norm, back_norm, self.channels * taps, self.inner_channels * taps
 
     def _second(self, h: Tensor, back: Tensor) -> Tensor:
         return _conv_same_adjoint(h, back, self.padding, self.padding_mode)

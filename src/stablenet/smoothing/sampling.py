@@ -88,6 +88,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stablenet.nn.base import checked_once
+
 __all__ = [
     "COUNT_EVERY",
     "GPU_CHUNK_BYTES",
@@ -405,6 +407,7 @@ def noisy_outputs(
         # cells are steps + support; 8 bytes: chunks are sized by the int64 draws
         source, element_bytes = grid.to_grid(x) - grid.support, 8
     index_key, index = None, None
+    checked: set[int] = set()  # Note [eval cache] in stablenet.nn.base: each weight cache compares once
     image_bytes = math.prod(shape) * element_bytes
     for start, g, reps, k, same in chunk_plan(len(x), num, batch_size, image_bytes, device, chunk_bytes):
         # Note [noise chunks]
@@ -435,7 +438,9 @@ def noisy_outputs(
             images = torch.arange(start, start + (g if same else k * g), device=device)
             index, index_key = images.repeat_interleave(reps).view(1 if same else k, g * reps), key
         for b in range(k):
-            yield index[0 if same else b], model(batches[b].view(g * reps, *shape))
+            with checked_once(checked):
+                logits = model(batches[b].view(g * reps, *shape))
+            yield index[0 if same else b], logits
 
 
 @torch.no_grad()

@@ -20,7 +20,9 @@ from stablenet.spectral.dense import (
     spectral_norm_upper_bound,
 )
 from stablenet.spectral.network import (
+    BoundNode,
     layer_lipschitz_bounds,
+    lipschitz_bound_tree,
     lipschitz_lower_bound,
     lipschitz_upper_bound,
     register_lipschitz_rule,
@@ -40,6 +42,7 @@ from stablenet.spectral.verified import cholesky_circular_bound, gram_spectrum
 __all__ = [
     "CONV_METHODS",
     "GRAM_ROUNDING_SLACK",
+    "BoundNode",
     "aol_conv_rescaling",
     "aol_rescaling",
     "cholesky_circular_bound",
@@ -57,6 +60,7 @@ __all__ = [
     "gram_iteration_max_many",
     "gram_spectrum",
     "layer_lipschitz_bounds",
+    "lipschitz_bound_tree",
     "lipschitz_lower_bound",
     "lipschitz_upper_bound",
     "power_iteration",

@@ -35,6 +35,7 @@ import contextvars
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,9 @@ from stablenet.spectral.conv import conv_spectral_norm_upper_bounds
 from stablenet.spectral.dense import spectral_norm_upper_bound
 
 __all__ = [
+    "BoundNode",
     "layer_lipschitz_bounds",
+    "lipschitz_bound_tree",
     "lipschitz_lower_bound",
     "lipschitz_upper_bound",
     "register_lipschitz_rule",
@@ -417,7 +420,35 @@ def _keeps_forward(module: nn.Module, base: type[nn.Module], where: str) -> None
         )
 
 
-def _walk(module: nn.Module, name: str, shapes: dict[int, list[Shape | None]] | None) -> list[tuple[str, float]]:
+@dataclass(frozen=True)
+class BoundNode:
+    """One module of a walked network and its Lipschitz bound (see :func:`lipschitz_bound_tree`).
+
+    Attributes:
+        name: the module's qualified name in the network (its type name for the root).
+        module: the module.
+        bound: the upper bound on its Lipschitz constant (for a chain, the product of its entries').
+        kind: ``"leaf"`` (bounded as a whole: its own method or a rule), ``"chain"`` (an ``nn.Sequential``,
+            children in forward order) or ``"residual"`` (``children == (branch,)``).
+        children: see ``kind``.
+        weights: ``(a, b)`` of a residual with ``residual_weights()``, else ``None``.
+    """
+
+    name: str
+    module: nn.Module
+    bound: float
+    kind: str
+    children: tuple[BoundNode, ...] = ()
+    weights: tuple[float, float] | None = None
+
+    def entries(self) -> list[tuple[str, float]]:
+        """``[(name, bound), ...]`` with chains flattened (what :func:`layer_lipschitz_bounds` returns)."""
+        if self.kind == "chain":
+            return [entry for child in self.children for entry in child.entries()]
+        return [(self.name, self.bound)]
+
+
+def _walk(module: nn.Module, name: str, shapes: dict[int, list[Shape | None]] | None) -> BoundNode:
     where = name or "<root>"
     label = name or type(module).__name__
     seen = (shapes or {}).get(id(module)) or [None]
@@ -425,19 +456,21 @@ def _walk(module: nn.Module, name: str, shapes: dict[int, list[Shape | None]] | 
 
     bound_fn = getattr(module, "lipschitz_bound", None)
     if callable(bound_fn):
-        return [(label, max(_checked(_call_bound_method(bound_fn, s), where) for s in candidates))]
+        bound = max(_checked(_call_bound_method(bound_fn, s), where) for s in candidates)
+        return BoundNode(label, module, bound, "leaf")
 
     branch_fn = getattr(module, "residual_branch", None)
     if callable(branch_fn):
         branch = branch_fn()
         child = next((n for n, m in module._modules.items() if m is branch), "branch")
-        inner = _product(b for _, b in _walk(branch, f"{name}.{child}" if name else child, shapes))
+        inner = _walk(branch, f"{name}.{child}" if name else child, shapes)
         weights_fn = getattr(module, "residual_weights", None)
         if callable(weights_fn):  # forward(x) = a x + b branch(x): |a| + |b| L(branch), float64-rounded up
             a, b = (_checked(abs(float(w)), where) for w in weights_fn())
-            combined = a + math.nextafter(b * inner, math.inf)
-            return [(label, math.nextafter(combined * (1.0 + _FLOAT64_SLACK), math.inf))]
-        return [(label, math.nextafter(1.0 + inner, math.inf))]
+            combined = a + math.nextafter(b * inner.bound, math.inf)
+            bound = math.nextafter(combined * (1.0 + _FLOAT64_SLACK), math.inf)
+            return BoundNode(label, module, bound, "residual", (inner,), (a, b))
+        return BoundNode(label, module, math.nextafter(1.0 + inner.bound, math.inf), "residual", (inner,))
 
     rule_type = _rule_type(module)
     if rule_type is not None:
@@ -450,15 +483,18 @@ def _walk(module: nn.Module, name: str, shapes: dict[int, list[Shape | None]] | 
             raise type(e)(
                 f"cannot bound the Lipschitz constant of module {where!r} of type {type(module).__name__}: {e}"
             ) from e
-        return [(label, max(_checked(v, where) for v in values))]
+        return BoundNode(label, module, max(_checked(v, where) for v in values), "leaf")
 
     if isinstance(module, nn.Sequential):
         _keeps_forward(module, nn.Sequential, where)
-        out: list[tuple[str, float]] = []
         # Iterate _modules, as Sequential.forward does: named_children() would visit a reused module once.
-        for child_name, child in module._modules.items():
-            out.extend(_walk(child, f"{name}.{child_name}" if name else child_name, shapes))
-        return out
+        children = tuple(
+            _walk(child, f"{name}.{child_name}" if name else child_name, shapes)
+            for child_name, child in module._modules.items()
+            if child is not None
+        )
+        bound = _product(b for child in children for _, b in child.entries())
+        return BoundNode(label, module, bound, "chain", children)
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         raise _unsupported(module, where, "a container without forward; bound the module whose forward uses it")
     raise _unsupported(module, where, "no rule for this type")
@@ -502,8 +538,8 @@ def _check_input_shape(input_shape: Sequence[int]) -> Shape:
     return shape
 
 
-def layer_lipschitz_bounds(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[tuple[str, float]]:
-    """Per-layer upper bounds ``[(qualified name, bound), ...]`` whose product bounds ``model``.
+def lipschitz_bound_tree(model: nn.Module, input_shape: Sequence[int] | None = None) -> BoundNode:
+    """The network as a tree of :class:`BoundNode` (chains, residuals, leaves), each with its upper bound.
 
     Args:
         model: the network (an ``nn.Sequential`` of supported modules, or one supported module).
@@ -535,6 +571,15 @@ def layer_lipschitz_bounds(model: nn.Module, input_shape: Sequence[int] | None =
         return _walk(model, "", shapes)
     finally:
         _PREFETCHED.reset(token)
+
+
+def layer_lipschitz_bounds(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[tuple[str, float]]:
+    """Per-layer upper bounds ``[(qualified name, bound), ...]`` whose product bounds ``model``.
+
+    The entries of :func:`lipschitz_bound_tree` with chains flattened (a residual block is one entry); arguments
+    and errors as there.
+    """
+    return lipschitz_bound_tree(model, input_shape).entries()
 
 
 def lipschitz_upper_bound(model: nn.Module, input_shape: Sequence[int] | None = None) -> float:
