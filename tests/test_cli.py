@@ -119,3 +119,37 @@ def test_wrong_image_shape_is_a_clear_error(trained_digits_run):
         ValueError, match=r"expected inputs of shape \(N, 1, 8, 8\) with pixels in \[0, 1\]; got \(2, 1, 28, 28\)"
     ):
         trained_digits_run.model(torch.rand(2, 1, 28, 28))
+
+
+def test_certify_with_grid_noise_records_it(tmp_path, trained_digits_run, capsys):
+    out = tmp_path / "grid.jsonl"
+    args = ["certify", "--run", str(trained_digits_run.run_dir), "--out", str(out), "--method", "smoothing"]
+    args += ["--sigma", "0.25", "--n0", "10", "--n", "100", "--max-examples", "3", "--quiet"]
+    assert main([*args, "--noise", "grid"]) == 0
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert (meta["noise"], meta["levels"]) == ("grid", 16)  # the digits grid k / 16 by default
+    assert main([*args, "--max-examples", "4"]) == 2  # float noise into a grid file
+    err = capsys.readouterr().err
+    assert "refusing to add records for noise 'float'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--noise", "gauss"], "--noise must be one of float, grid; got 'gauss'"),
+        (["--noise", "grid", "--levels", "0"], "--levels must be an int >= 1; got 0"),
+        (["--noise", "grid", "--levels", "many"], "--levels must be an int >= 1; got 'many'"),
+        (["--levels", "255"], "--levels goes with --noise grid only"),
+        (["--noise", "grid", "--levels", "255"], "needs inputs on the grid k / 255"),
+        (["--noise", "grid", "--sigma", "300"], "sigma * levels must be at most 4096"),
+        (["--method", "lipschitz", "--noise", "grid"], "--noise and --levels apply to the randomized methods"),
+    ],
+)
+def test_bad_noise_options_one_line_exit_2(tmp_path, trained_digits_run, capsys, extra, message):
+    out = tmp_path / "bad.jsonl"
+    args = ["certify", "--run", str(trained_digits_run.run_dir), "--out", str(out), "--method", "lvm-rs"]
+    args += ["--sigma", "0.25", "--n0", "10", "--n", "100", "--max-examples", "2", "--quiet", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stablenet: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

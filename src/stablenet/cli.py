@@ -47,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100_000, help="estimation samples per image (randomized methods)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability per certificate")
     p.add_argument("--seed", type=int, default=0, help="noise seed (randomized methods)")
+    p.add_argument(
+        "--noise",
+        default="float",
+        help="randomized methods: float (torch.randn, the usual practice; default) or grid (the Gaussian rounded to "
+        "the pixel grid, drawn exactly: sound for any base model, for inputs on the grid; cpm then uses hard votes)",
+    )
+    p.add_argument(
+        "--levels",
+        default=None,
+        help="with --noise grid: grid steps per pixel unit, pixels k / LEVELS (default: the data set's, 16 for digits, "
+        "255 for mnist, fashion-mnist, cifar10, cifar100)",
+    )
     p.add_argument("--form", default="auto", help="Lipschitz certificate form: auto, generic, lln")
     p.add_argument(
         "--arithmetic",
@@ -227,14 +239,33 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from stablenet.certify.run import SMOOTHING_METHODS, SmoothingParams, certify_run
+    from stablenet.certify.run import CERTIFY_METHODS, SMOOTHING_METHODS, SmoothingParams, certify_run
     from stablenet.train.trainer import resolve_device
 
+    levels = args.levels
+    if levels is not None:  # parsed here, not by argparse, for a one-line error
+        try:
+            levels = int(levels)
+        except ValueError:
+            raise ValueError(f"--levels must be an int >= 1; got {args.levels!r}") from None
     smoothing = None
     if args.method in SMOOTHING_METHODS:
         if args.sigma is None:
             raise ValueError(f"--method {args.method} needs --sigma (the noise level the base model was trained for)")
-        smoothing = SmoothingParams(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed)
+        smoothing = SmoothingParams(
+            sigma=args.sigma,
+            n0=args.n0,
+            n=args.n,
+            alpha=args.alpha,
+            seed=args.seed,
+            noise=args.noise,
+            levels=levels,
+        )
+    elif args.method in CERTIFY_METHODS and (args.noise != "float" or levels is not None):
+        raise ValueError(
+            f"--noise and --levels apply to the randomized methods ({', '.join(SMOOTHING_METHODS)}); "
+            f"got them with --method {args.method}"
+        )
     out = certify_run(
         args.run,
         args.out,

@@ -75,6 +75,66 @@ def test_lipschitz_run_records_its_arithmetic_and_refuses_to_mix(tmp_path, train
         certify_run(trained_digits_run.run_dir, legacy, max_examples=30, progress=False)
 
 
+def test_smoothing_params_noise_validation():
+    for kwargs, message in [
+        (dict(noise="gauss"), "--noise must be one of float, grid; got 'gauss'"),
+        (dict(levels=255), "--levels goes with --noise grid only"),
+        (dict(noise="grid", levels=0), "--levels must be an int >= 1; got 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SmoothingParams(sigma=0.5, **kwargs)
+
+
+def test_grid_run_records_its_noise_and_a_resumed_file_cannot_mix_noises(tmp_path, trained_digits_run):
+    run, out = trained_digits_run.run_dir, tmp_path / "grid.jsonl"
+    grid = SmoothingParams(sigma=0.25, n0=10, n=100, alpha=0.01, noise="grid")
+    certify_run(run, out, method="lvm-rs", smoothing=grid, max_examples=3, batch_size=100, progress=False)
+    meta = read_metadata(out)
+    assert meta["noise"] == "grid" and meta["levels"] == 16  # digits are k / 16 (Note [grid runs])
+    assert len(read_records(out)) == 3
+    for other, key in [
+        (SmoothingParams(sigma=0.25, n0=10, n=100, alpha=0.01), "noise 'float'"),
+        (SmoothingParams(sigma=0.25, n0=10, n=100, alpha=0.01, noise="grid", levels=32), "levels 32"),
+    ]:
+        with pytest.raises(ValueError, match=f"refusing to add records for {key}"):
+            certify_run(run, out, method="lvm-rs", smoothing=other, max_examples=5, batch_size=100, progress=False)
+    assert len(read_records(out)) == 3
+    # float noise is recorded too; a file from before noise was recorded drew float noise and stays float
+    plain = SmoothingParams(sigma=0.25, n0=10, n=100, alpha=0.01)
+    legacy = tmp_path / "legacy.jsonl"
+    certify_run(run, legacy, method="smoothing", smoothing=plain, max_examples=2, batch_size=100, progress=False)
+    meta = read_metadata(legacy)
+    assert meta["noise"] == "float" and "levels" not in meta
+    meta.pop("noise")
+    (tmp_path / "legacy.jsonl.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="made before certificates named their noise"):
+        certify_run(run, legacy, method="smoothing", smoothing=grid, max_examples=4, batch_size=100, progress=False)
+    certify_run(run, legacy, method="smoothing", smoothing=plain, max_examples=4, batch_size=100, progress=False)
+    assert read_metadata(legacy)["noise"] == "float" and len(read_records(legacy)) == 4
+    # CPM's soft votes are not sound for the grid classifier: a grid run takes hard votes
+    cpm = certify_run(
+        run, tmp_path / "cpm.jsonl", method="cpm", smoothing=grid, max_examples=2, batch_size=100, progress=False
+    )
+    assert {(r.simplex_map, r.inverse_temperature) for r in read_records(cpm)} == {("argmax", None)}
+
+
+def test_grid_run_refuses_images_off_its_grid_before_writing(tmp_path, trained_digits_run):
+    from stablenet.certify.run import certify_dataset
+    from stablenet.data import load_dataset
+
+    images, labels = load_dataset("digits", "test")
+    out = tmp_path / "off.jsonl"
+    params = SmoothingParams(sigma=0.25, n0=10, n=100, noise="grid", levels=255)
+    kwargs = dict(method="smoothing", smoothing=params, indices=[0, 1], progress=False)
+    with pytest.raises(ValueError, match=r"needs inputs on the grid k / 255 .*; set --levels to the grid") as excinfo:
+        certify_dataset(trained_digits_run.model, images, labels, out, **kwargs)
+    assert "\n" not in str(excinfo.value)
+    kwargs["smoothing"] = SmoothingParams(sigma=0.25, n0=10, n=100, noise="grid")
+    with pytest.raises(ValueError, match=r"noise 'grid' needs levels \(--levels\)"):
+        certify_dataset(trained_digits_run.model, images, labels, out, **kwargs)
+    assert not out.exists() and not (tmp_path / "off.jsonl.meta.json").exists()
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
     reason="torchrun not installed",

@@ -325,3 +325,94 @@ def test_certify_run_records_the_classifier_and_verify_uses_it(lipschitz_run, tm
         r = by_index[d["index"]]
         assert (d["simplex_map"], d["inverse_temperature"]) == (r.simplex_map, r.inverse_temperature)
         assert d["map_source"] == "record"
+
+
+# ------------------------------------------------------------------------------------------- grid-noise records
+class _OnGrid(nn.Module):
+    """Class 1 iff the input is (within 1e-3 steps) a grid point k / 255, plus a tiny slope for PGD's gradient.
+
+    Its grid classifier (grid noise, Note [grid records]) is class 1 everywhere; its float-noise smoothed classifier
+    is class 0 everywhere (a float Gaussian sample is almost never within 1e-3 steps of the grid).
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        first = z.flatten(1)[:, :1].to(torch.float64)
+        on = ((first * 255 - (first * 255).round()).abs() < 1e-3).to(z.dtype)
+        return torch.cat([torch.zeros_like(on), 10 * on - 5 + 1e-3 * z.flatten(1)[:, :1]], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields"), [("smoothing", {}), ("lvm-rs", dict(simplex_map="softmax", inverse_temperature=1.0))]
+)
+def test_grid_records_are_checked_with_grid_noise_at_grid_points(method, fields):
+    x = torch.tensor([100.0, 3.0, 255.0]).view(3, 1, 1, 1) / 255
+    records = [CertificationRecord(i, 1, 1, 0.05, True, method, "l2", 0.0, **fields) for i in range(3)]
+    check = dict(method=method, sigma=0.5, steps=3, restarts=2, smoothing_n=400, alpha=0.001, eot_samples=4)
+    grid = verify_records(
+        _OnGrid(), x, records, generator=torch.Generator().manual_seed(0), noise="grid", levels=255, **check
+    )
+    assert grid.n_attacked == 3 and grid.broken_indices == []
+    for d in grid.details:
+        assert (d["noise"], d["levels"], d["adversarial_prediction"]) == ("grid", 255, 1)
+        assert d["grid_rounding"] in ("nearest", "toward input") and d["distance"] <= d["attack_radius"]
+    # The same claims checked with float noise: another smoothed classifier, which says 0 everywhere.
+    plain = verify_records(_OnGrid(), x, records, generator=torch.Generator().manual_seed(0), **check)
+    assert plain.broken_indices == [0, 1, 2] and {d["noise"] for d in plain.details} == {"float"}
+    with pytest.raises(ValueError, match="noise 'grid' needs levels, an int >= 1"):
+        verify_records(_OnGrid(), x, records, noise="grid", **check)
+    with pytest.raises(ValueError, match="noise must be one of 'float', 'grid'; got 'exact'"):
+        verify_records(_OnGrid(), x, records, noise="exact", **check)
+    with pytest.raises(ValueError, match="needs inputs on the grid k / 255"):
+        verify_records(_OnGrid(), x + 0.3 / 255, records, noise="grid", levels=255, **check)
+
+
+def test_adversarial_points_are_moved_onto_the_grid_inside_the_box_and_the_ball():
+    from stablenet.certify.verify import _onto_grid
+
+    gen = torch.Generator().manual_seed(0)
+    steps = torch.randint(0, 17, (64, 1, 4, 4), generator=gen)
+    x = steps.float() / 16
+    eps = torch.rand(64, generator=gen, dtype=torch.float64) * 0.5
+    direction = torch.randn(64, 1, 4, 4, generator=gen)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    x_adv = x + direction * eps.float().view(-1, 1, 1, 1)  # on the sphere of radius eps, partly outside [0, 1]
+    moved, how = _onto_grid(x, x_adv, steps, 16, eps)
+    assert torch.equal(moved * 16, (moved * 16).round()) and moved.min() >= 0 and moved.max() <= 1
+    distance = (moved - x).double().flatten(1).norm(dim=1)
+    assert torch.all(distance <= eps)
+    nearest = ((x_adv * 16).round().clamp(0, 16) / 16 - x).double().flatten(1).norm(dim=1) <= eps
+    assert how == ["nearest" if n else "toward input" for n in nearest.tolist()]
+    assert {"nearest", "toward input"} <= set(how)
+
+
+def test_verify_run_evaluates_grid_records_with_their_grid(lipschitz_run, tmp_path, monkeypatch):
+    from stablenet.certify.run import SmoothingParams
+    from stablenet.smoothing.cohen import Smooth
+
+    run, _ = lipschitz_run
+    params = SmoothingParams(sigma=0.25, n0=10, n=200, alpha=0.01, noise="grid")
+    out = certify_run(
+        run, tmp_path / "grid.jsonl", method="smoothing", smoothing=params, max_examples=4, progress=False
+    )
+    meta = read_metadata(out)
+    claims = [
+        CertificationRecord(**{**r.to_dict(), "prediction": r.label, "radius": 0.2, "correct": True})
+        for r in read_records(out)
+    ]
+    claimed = tmp_path / "claims.jsonl"
+    with RecordWriter(claimed, metadata=meta) as writer:
+        writer.write(claims)
+    seen = []
+    predict = Smooth.predict
+    monkeypatch.setattr(
+        Smooth, "predict", lambda self, x, *a, **k: seen.append((self.grid, x)) or predict(self, x, *a, **k)
+    )
+    result = verify_run(run, claimed, steps=2, restarts=1, smoothing_n=200)
+    assert result.n_attacked == 4 and {(d["noise"], d["levels"]) for d in result.details} == {("grid", 16)}
+    assert len(seen) == 1 and seen[0][0] is not None and seen[0][0].levels == 16 and seen[0][0].sigma == 0.25
+    x = seen[0][1]
+    assert torch.equal(x * 16, (x * 16).round()) and x.min() >= 0 and x.max() <= 1
+    meta.pop("levels")
+    (tmp_path / "claims.jsonl.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="says noise 'grid' but has no 'levels'"):
+        verify_run(run, claimed, steps=2, restarts=1, smoothing_n=200)

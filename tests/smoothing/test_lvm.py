@@ -354,3 +354,58 @@ def test_select_makes_the_choice_of_certify_detailed():
     assert smooth.select(x[:0], 16, 64, 0.01, 40)[0].shape == (0,)
     with pytest.raises(ValueError, match="n0 must be an int >= 1"):
         smooth.select(x, 0, 64, 0.01, 40)
+
+
+# ----------------------------------------------------------------------------------------------- grid noise
+def test_grid_constant_model_is_certified_with_bounds_widened_by_the_total_variation_bound():
+    # A constant model gives the same scores under any noise, so float and grid noise see the same means and
+    # variances; grid noise must then differ exactly by the widening of Note [grid noise] in lvm.
+    x = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(0)).float() / 255
+    model = _constant_model([6.0, 0.0, 0.0])
+    plain = LVMSmooth(model, 3, sigma=0.5).certify_detailed(x, 16, 500, 0.001, 256, generator=0)
+    smooth = LVMSmooth(model, 3, sigma=0.5, noise="grid", levels=255)
+    res = smooth.certify_detailed(x, 16, 500, 0.001, 256, generator=0)
+    tv = smooth.grid.tv_bound(3)
+    assert 0 < tv < 1e-14
+    assert res.prediction.tolist() == [0] * 4
+    assert torch.equal(res.map_index, plain.map_index) and torch.equal(res.temperature, plain.temperature)
+    p_lower, p_upper = plain.p_lower.numpy(), plain.p_upper.numpy()
+    np.testing.assert_array_equal(res.p_lower.numpy(), np.maximum(np.nextafter(p_lower - tv, -np.inf), 0.0))
+    np.testing.assert_array_equal(res.p_upper.numpy(), np.minimum(np.nextafter(p_upper + tv, np.inf), 1.0))
+    assert np.all(res.p_lower.numpy() < p_lower) and np.all(res.p_upper.numpy() > p_upper)
+    torch.testing.assert_close(res.radius, torch.from_numpy(lvm_radius(res.p_lower.numpy(), res.p_upper.numpy(), 0.5)))
+    assert torch.all(res.radius <= plain.radius) and torch.all(res.radius > 0)
+    # select draws the same grid noise as certify_detailed's selection step
+    map_index, temperature = smooth.select(x, 16, 500, 0.001, 256, generator=0)
+    assert torch.equal(map_index, res.map_index) and torch.equal(temperature, res.temperature)
+
+
+class _OnGrid(nn.Module):
+    """Class 1 iff the first input value is (within 1e-3 steps) a point k / 255 of the grid, plus a tiny slope.
+
+    Under grid noise every noisy copy is a grid point (class 1); under float noise almost none is (class 0).
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        first = z.flatten(1)[:, :1].double()
+        on = ((first * 255 - (first * 255).round()).abs() < 1e-3).double()
+        return torch.cat([torch.zeros_like(on), 10 * on - 5 + 1e-3 * first], dim=1)
+
+
+def test_grid_noise_certifies_the_grid_classifier_and_refuses_off_grid_inputs():
+    x = torch.tensor([[100 / 255, 0.0], [1.0, 3 / 255]])
+    grid = LVMSmooth(_OnGrid(), 2, sigma=0.5, maps="softmax", temperatures=(1.0,), noise="grid")
+    prediction, radius = grid.certify(x, 16, 200, 0.01, 400, generator=1)
+    assert prediction.tolist() == [1, 1] and torch.all(radius > 0)
+    prediction, _ = LVMSmooth(_OnGrid(), 2, sigma=0.5, maps="softmax", temperatures=(1.0,)).certify(
+        x, 16, 200, 0.01, 400, generator=1
+    )
+    assert prediction.tolist() == [0, 0]  # float noise smooths another classifier
+    with pytest.raises(ValueError, match=r"noise='grid' needs inputs on the grid k / 255") as excinfo:
+        grid.certify(torch.full((1, 2), 0.3), 16, 200, 0.01, 400)
+    assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="noise must be one of 'float', 'grid'; got 'gauss'"):
+        LVMSmooth(_OnGrid(), 2, sigma=0.5, noise="gauss")
+    with pytest.raises(ValueError, match="levels must be an int >= 1"):
+        LVMSmooth(_OnGrid(), 2, sigma=0.5, noise="grid", levels=0)
+    assert LVMSmooth(_OnGrid(), 2, sigma=0.5).grid is None

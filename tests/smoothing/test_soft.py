@@ -165,3 +165,52 @@ def test_bad_arguments(kwargs, match):
     positional = [args.pop(k) for k in ("base_model", "x", "sigma", "n", "alpha", "batch_size")]
     with pytest.raises(ValueError, match=match):
         soft_predict(*positional, **args)
+
+
+# ----------------------------------------------------------------------------------------------- grid noise
+def test_decision_with_a_total_variation_bound_widens_every_bound():
+    mean = np.array([[0.7, 0.3], [0.52, 0.48]])
+    var = np.full((2, 2), 0.01)
+    n, alpha, tv = 10_000, 0.001, 0.02
+    slack = 4.0 * n * 2.0**-53
+    lower = empirical_bernstein_lower(np.clip(mean - slack, 0, 1), var + slack, n, alpha / 4)
+    upper = empirical_bernstein_upper(np.clip(mean + slack, 0, 1), var + slack, n, alpha / 4)
+    # row 1 separates without the widening but not with it: its margin is below 2 tv
+    assert lower[1, 0] > upper[1, 1] and lower[1, 0] - tv <= upper[1, 1] + tv
+    assert soft_vote_decision(mean, var, n, alpha).tolist() == [0, 0]
+    assert soft_vote_decision(mean, var, n, alpha, tv=tv).tolist() == [0, ABSTAIN]
+    assert soft_vote_decision(mean, var, n, alpha, tv=0.0).tolist() == [0, 0]
+    with pytest.raises(ValueError, match=r"tv must be a number in \[0, 1\]; got -0.1"):
+        soft_vote_decision(mean, var, n, alpha, tv=-0.1)
+
+
+class _OnGrid(nn.Module):
+    """Class 1 iff the input is (within 1e-3 steps) a grid point k / 16: always under grid noise, almost never
+    under float noise."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        first = z.flatten(1)[:, :1].double()
+        on = ((first * 16 - (first * 16).round()).abs() < 1e-3).double()
+        return torch.cat([torch.zeros_like(on), 10 * on - 5], dim=1)
+
+
+def test_grid_noise_predicts_the_grid_classifier_with_widened_bounds(monkeypatch):
+    import stablenet.smoothing.soft as soft
+
+    x = torch.tensor([[[[3 / 16]]], [[[1.0]]]])
+    grid = soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400, generator=0, noise="grid", levels=16)
+    plain = soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400, generator=0)
+    assert grid.tolist() == [1, 1] and plain.tolist() == [0, 0]
+    seen = []
+    decide = soft.soft_vote_decision
+    monkeypatch.setattr(soft, "soft_vote_decision", lambda *a, **k: seen.append(k["tv"]) or decide(*a, **k))
+    soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400, noise="grid", levels=16)
+    soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400)
+    from stablenet.smoothing.sampling import GridNoise
+
+    assert seen == [GridNoise(0.5, 16).tv_bound(1), 0.0] and seen[0] > 0
+    with pytest.raises(ValueError, match="noise='grid' needs inputs on the grid k / 16") as excinfo:
+        soft_predict(_OnGrid(), torch.full((1, 1, 1, 1), 0.1), 0.5, 200, 0.01, 400, noise="grid", levels=16)
+    assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="noise must be one of 'float', 'grid'; got 'exact'"):
+        soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400, noise="exact")

@@ -226,7 +226,7 @@ class CertificationRecord:
 
 
 #: Sidecar keys that say what the records certify: a resumed file must keep them (one file, one experiment).
-IDENTITY_KEYS = ("dataset", "split", "method", "form", "arithmetic", "sigma", "n0", "n", "alpha")
+IDENTITY_KEYS = ("dataset", "split", "method", "form", "arithmetic", "sigma", "n0", "n", "alpha", "noise", "levels")
 
 
 def _metadata_path(path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Certify a data set with a trained model, one record per example, resumable and shardable.
+r"""Certify a data set with a trained model, one record per example, resumable and shardable.
 
 Records go to a JSON Lines file through :class:`stablenet.certify.records.RecordWriter`: a rerun skips the
 indices already in the file, and records are on disk (flushed and synced) as soon as their chunk is done, so a
@@ -18,6 +18,17 @@ average softmax at its ``inverse_temperature`` when the model has a finite Lipsc
 ``inverse_temperature``, so that ``verify`` can attack the classifier that was certified: the choice cannot be
 re-derived later, because the noise depends on the chunking (Note [smoothing seeds]).
 
+# Note [grid runs]
+With ``noise="grid"`` the randomized certifiers draw :class:`~stablenet.smoothing.sampling.GridNoise` (Note
+[floating-point noise] in :mod:`stablenet.smoothing.sampling`): sound for any base model, but only for inputs on
+the grid ``k / levels``, and about the grid classifier :math:`f(\mathrm{round}(L\,\cdot)/L)`. So every image to
+certify is checked against the grid before anything is written (one off-grid value is a one-line error),
+``levels`` defaults to the grid of a built-in data set (:data:`GRID_LEVELS`: scikit-learn's digits are 0..16
+divided by 16, the others uint8 divided by 255) and must be given for any other, and the sidecar records
+``noise`` (and ``levels``), which are :data:`~stablenet.certify.records.IDENTITY_KEYS`: ``verify`` reads them to
+evaluate the same classifier, and a resumed file cannot mix noises. CPM's soft votes are not sound with grid
+noise (Note [what L means] in :mod:`stablenet.smoothing.cpm`), so a grid CPM run uses hard votes.
+
 # Note [smoothing seeds]
 Randomized certifiers draw noise from a generator seeded by ``(seed, first index of the chunk)``: a rerun over
 the same pending examples, with the same batch size and world size, gives the same records. Resuming or
@@ -27,6 +38,7 @@ certificate holds with probability at least 1 - alpha whatever the seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -41,23 +53,33 @@ from tqdm.auto import tqdm
 
 from stablenet.certify.lipschitz import LipschitzCertifier
 from stablenet.certify.records import CertificationRecord, RecordWriter, read_metadata, read_records
+from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise
 
-__all__ = ["CERTIFY_METHODS", "SMOOTHING_METHODS", "SmoothingParams", "certify_dataset", "certify_run"]
+__all__ = ["CERTIFY_METHODS", "GRID_LEVELS", "SMOOTHING_METHODS", "SmoothingParams", "certify_dataset", "certify_run"]
 
 logger = logging.getLogger(__name__)
 SMOOTHING_METHODS = ("smoothing", "lvm-rs", "cpm")
 CERTIFY_METHODS = ("lipschitz", *SMOOTHING_METHODS)
+#: The grid ``k / levels`` the pixels of each built-in data set lie on: the default ``levels`` of a grid-noise run
+#: (Note [grid runs]).
+GRID_LEVELS: dict[str, int] = {"digits": 16, "mnist": 255, "fashion-mnist": 255, "cifar10": 255, "cifar100": 255}
 
 
 @dataclass(frozen=True)
 class SmoothingParams:
-    """Monte-Carlo settings of the randomized certifiers (Cohen et al. defaults: n0=100, n=100000, alpha=0.001)."""
+    """Monte-Carlo settings of the randomized certifiers (Cohen et al. defaults: n0=100, n=100000, alpha=0.001).
+
+    ``noise`` is ``"float"`` or ``"grid"`` (Note [grid runs]); ``levels``, the grid steps per input unit, only goes
+    with ``"grid"`` (``None``: :func:`certify_run` takes the data set's :data:`GRID_LEVELS`).
+    """
 
     sigma: float
     n0: int = 100
     n: int = 100_000
     alpha: float = 0.001
     seed: int = 0
+    noise: str = "float"
+    levels: int | None = None
 
     def __post_init__(self) -> None:
         if not self.sigma > 0:
@@ -66,6 +88,13 @@ class SmoothingParams:
             raise ValueError(f"--n0 and --n must be >= 1; got {self.n0} and {self.n}")
         if not (0.0 < self.alpha < 1.0):
             raise ValueError(f"--alpha must be in (0, 1); got {self.alpha}")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"--noise must be one of {', '.join(NOISE_KINDS)}; got {self.noise!r}")
+        if self.levels is not None:
+            if self.noise != "grid":
+                raise ValueError(f"--levels goes with --noise grid only; got --levels {self.levels} with float noise")
+            if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
+                raise ValueError(f"--levels must be an int >= 1; got {self.levels!r}")
 
 
 _Choice = tuple[str | None, float | None]
@@ -84,10 +113,11 @@ def _smoothed_certifier(
     def seed(first_index: int) -> int:
         return params.seed * 1_000_003 + first_index  # Note [smoothing seeds]
 
+    grid = {"noise": params.noise, "levels": params.levels} if params.noise == "grid" else {}
     if method == "smoothing":
         from stablenet.smoothing.cohen import Smooth
 
-        cohen = Smooth(model, num_classes, params.sigma)
+        cohen = Smooth(model, num_classes, params.sigma, **grid)
 
         def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
             pred, radius = cohen.certify(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
@@ -96,7 +126,7 @@ def _smoothed_certifier(
     elif method == "lvm-rs":
         from stablenet.smoothing.lvm import LVMSmooth
 
-        lvm = LVMSmooth(model, num_classes, params.sigma)
+        lvm = LVMSmooth(model, num_classes, params.sigma, **grid)
         names = [m if isinstance(m, str) else getattr(m, "__name__", repr(m)) for m in lvm.maps]
 
         def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
@@ -108,7 +138,10 @@ def _smoothed_certifier(
         from stablenet.smoothing.cpm import CPMSmooth
         from stablenet.smoothing.soft import HARD_VOTES
 
-        cpm = CPMSmooth(model, num_classes, params.sigma, input_shape=input_shape)
+        # With grid noise CPMSmooth takes L = inf (hard votes) and bounds nothing (Note [grid runs]).
+        cpm = CPMSmooth(model, num_classes, params.sigma, input_shape=input_shape, **grid)
+        if grid:
+            logger.info("cpm with grid noise: hard votes (soft votes are not sound for the grid classifier)")
         choice: _Choice = ("softmax", cpm.inverse_temperature) if cpm.soft_votes else (HARD_VOTES, None)
 
         def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
@@ -155,7 +188,8 @@ def certify_dataset(
         form: Lipschitz certificate form (``auto``, ``generic``, ``lln``).
         arithmetic: what a Lipschitz certificate describes, ``"float64"`` or ``"native"`` (Note [certified
             arithmetic] in ``stablenet.certify.lipschitz``).
-        smoothing: Monte-Carlo settings, required by the randomized methods.
+        smoothing: Monte-Carlo settings, required by the randomized methods. With ``noise="grid"`` its
+            ``levels`` must be set and every image in ``indices`` must lie on that grid (Note [grid runs]).
         batch_size: rows per forward pass (images for ``lipschitz``, noisy samples for smoothing).
         indices: subset of example indices to certify (default: all).
         metadata: written beside the records (``OUT.meta.json``), e.g. the data set name.
@@ -190,9 +224,11 @@ def certify_dataset(
     else:
         if smoothing is None:
             raise ValueError(f"method {method!r} needs smoothing parameters (--sigma, --n0, --n, --alpha)")
+        _check_noise(smoothing, images, indices, out)
         num_classes = int(model(images[:1].to(device)).shape[-1])
         certify = _smoothed_certifier(model, method, num_classes, smoothing, input_shape, batch_size)
         meta.update(sigma=smoothing.sigma, n0=smoothing.n0, n=smoothing.n, alpha=smoothing.alpha, seed=smoothing.seed)
+        meta.update(noise=smoothing.noise, **({"levels": smoothing.levels} if smoothing.noise == "grid" else {}))
         chunk = max(1, min(64, batch_size // max(smoothing.n0, 1)))
 
     rank, world = _distributed()
@@ -237,6 +273,25 @@ def certify_dataset(
     return out
 
 
+def _check_noise(params: SmoothingParams, images: Tensor, indices: list[int] | None, out: str | os.PathLike) -> None:
+    """One-line errors, before anything is written, for a grid run that cannot be sound (Note [grid runs])."""
+    earlier = read_metadata(out) if Path(out).exists() else {}
+    if earlier.get("method") in SMOOTHING_METHODS and "noise" not in earlier and params.noise != "float":
+        raise ValueError(
+            f"{out} holds records made before certificates named their noise (float noise); refusing to add "
+            f"records for noise {params.noise!r} (use another file)"
+        )
+    if params.noise != "grid":
+        return
+    if params.levels is None:
+        raise ValueError("noise 'grid' needs levels (--levels), the grid k / levels the pixels lie on")
+    grid = GridNoise(params.sigma, params.levels)
+    try:
+        grid.to_grid(images if indices is None else images[list(indices)])
+    except ValueError as e:
+        raise ValueError(f"{e}; set --levels to the grid the images are stored on") from None
+
+
 def _merge_shards(out: Path, world: int, rank: int, meta: dict[str, Any]) -> None:
     import torch.distributed as dist
 
@@ -279,6 +334,14 @@ def certify_run(
     device = torch.device(device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if smoothing is not None and smoothing.noise == "grid" and smoothing.levels is None:
+        if meta["dataset"] not in GRID_LEVELS:
+            known = ", ".join(f"{name} {levels}" for name, levels in GRID_LEVELS.items())
+            raise ValueError(
+                f"--noise grid needs --levels for data set {meta['dataset']!r} (the grid k / levels its pixels lie "
+                f"on; known for {known})"
+            )
+        smoothing = dataclasses.replace(smoothing, levels=GRID_LEVELS[meta["dataset"]])
     model = load_model(run_dir, map_location=device)
     images, labels = load_dataset(meta["dataset"], split, data_root)
     stop = len(images) if max_examples is None else min(len(images), skip + max_examples)

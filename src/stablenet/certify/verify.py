@@ -49,6 +49,21 @@ a one-line warning says so: the check is then about a classifier that may differ
 wherever two candidates were close. Each attacked record's details say which classifier was checked and where
 it came from (``map_source``: ``record``, ``method``, ``re-derived`` or ``re-selected``).
 
+# Note [grid records]
+Records made with ``noise="grid"`` (the sidecar's ``noise`` and ``levels``, Note [grid runs] in
+:mod:`stablenet.certify.run`) certify the smoothed classifier of the grid base model
+:math:`f(\mathrm{round}(L\,\cdot)/L)`, and the final check evaluates that classifier: Cohen's ``predict`` or
+:func:`~stablenet.smoothing.soft.soft_predict` with the same grid noise and ``levels``. Its exact sampler needs
+its input on the grid, so the adversarial point is moved onto the grid first, inside the pixel box
+:math:`[0, 1]` (the 8-bit images, for ``levels = 255``, that a grid certificate is meant for): to the nearest
+grid point, clipped to the box, when that stays within the attack radius, else rounded toward the clean input
+coordinate by coordinate (never further from it than the attack's point, so always within the radius). The
+details record ``noise``, ``levels``, the rounding used (``grid_rounding``: ``nearest`` or ``toward input``)
+and the distance after rounding. Below a radius of ``1 / levels`` the only grid point in the ball is the input
+itself, so such records are checked at it alone (for ``digits``, ``levels = 16``: radii below 0.0625). The
+attack's surrogate (the EOT gradient) keeps float noise: it only proposes
+points, and an attack that finds nothing proves nothing, so its noise need not be the certified one.
+
 Example:
     >>> result = verify_run("runs/digits", "runs/digits/lipschitz.jsonl")
     >>> result.n_broken  # must be 0 for a sound deterministic certifier
@@ -126,7 +141,8 @@ class VerifyResult:
         details: one dict per attacked record, by index: ``index, label, prediction, radius, attack_radius,
             adversarial_prediction, distance, broken``, and ``clean_prediction`` for deterministic records or
             ``simplex_map, inverse_temperature, map_source`` (the smoothed classifier checked, Note [certified
-            classifier]) for randomized ones.
+            classifier]) and ``noise`` for randomized ones, with ``levels`` and ``grid_rounding`` for grid
+            noise (Note [grid records]).
     """
 
     method: str
@@ -200,6 +216,8 @@ def verify_records(
     certify_n0: int = DEFAULT_SMOOTHING_N0,
     certify_n: int | None = None,
     arithmetic: str = "float64",
+    noise: str = "float",
+    levels: int | None = None,
     progress: bool = False,
 ) -> VerifyResult:
     """Attack each certified record at ``RADIUS_FACTOR`` times its radius; count changed predictions.
@@ -225,6 +243,8 @@ def verify_records(
             the map of ``lvm-rs`` records that do not name it (Note [certified classifier]).
         arithmetic: for Lipschitz records, the arithmetic they certify (``"float64"`` or ``"native"``, Note
             [certified arithmetic] in ``stablenet.certify.lipschitz``): the attack runs on that network.
+        noise, levels: the noise the randomized records were certified with, ``"float"`` or ``"grid"`` with its
+            grid steps per input unit (Note [grid records]); the images must then lie on that grid.
         progress: show a tqdm bar.
 
     Returns:
@@ -233,7 +253,7 @@ def verify_records(
     Raises:
         ValueError: unknown method, records of another method or norm, indices outside ``images``,
             missing ``sigma`` for a randomized method, a record naming a smoothed classifier its method does not
-            certify, or a bad count.
+            certify, a bad count, or a bad ``noise``/``levels`` (or images off their grid).
     """
     _check_method(method)
     if restarts < 1 or steps < 1 or batch_size < 1:
@@ -253,6 +273,7 @@ def verify_records(
     randomized = method in RANDOMIZED_METHODS
     if randomized and not (sigma is not None and sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"method {method!r} needs the smoothing noise level sigma > 0; got {sigma}")
+    _check_noise(method, noise, levels)
     certified = sorted((r for r in records if r.prediction != ABSTAIN and r.radius > 0), key=lambda r: r.index)
     todo = certified if max_examples is None else certified[:max_examples]
     if generator is None:
@@ -277,6 +298,8 @@ def verify_records(
             noise_batch_size=noise_batch_size,
             certify_n0=certify_n0,
             certify_n=smoothing_n if certify_n is None else certify_n,
+            noise=noise,
+            levels=levels,
             device=device,
             progress=progress,
         )
@@ -299,6 +322,32 @@ def verify_records(
         broken_indices=broken,
         details=details,
     )
+
+
+def _check_noise(method: str, noise: object, levels: object) -> None:
+    from stablenet.smoothing.sampling import NOISE_KINDS
+
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {', '.join(repr(k) for k in NOISE_KINDS)}; got {noise!r}")
+    if noise == "grid" and method not in RANDOMIZED_METHODS:
+        raise ValueError(
+            f"noise 'grid' applies to the randomized methods {', '.join(RANDOMIZED_METHODS)}; got {method!r}"
+        )
+    if noise == "grid" and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 1):
+        raise ValueError(f"noise 'grid' needs levels, an int >= 1 (the grid k / levels); got {levels!r}")
+
+
+def _onto_grid(x: Tensor, x_adv: Tensor, steps: Tensor, levels: int, eps: Tensor) -> tuple[Tensor, list[str]]:
+    """``x_adv`` moved onto the grid ``k / levels`` within ``[0, 1]`` and within ``eps`` of ``x`` (whose grid steps
+    are ``steps``), and the rounding used per row (Note [grid records])."""
+    k = steps.to(torch.float64)
+    move = (x_adv.detach().to(torch.float64) - x.to(torch.float64)) * levels
+    nearest = (k + move).round().clamp(0, levels)
+    # |trunc(m)| <= |m| per coordinate, and clipping to [0, levels] moves towards k: never further than x_adv.
+    toward = (k + move.trunc()).clamp(0, levels)
+    inside = (nearest - k).flatten(1).norm(dim=1) / levels <= eps.to(device=k.device, dtype=torch.float64)
+    chosen = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), nearest, toward)
+    return (chosen / levels).to(x.dtype), ["nearest" if i else "toward input" for i in inside.tolist()]
 
 
 def _batches(todo: list, batch_size: int, bar: tqdm):
@@ -373,8 +422,10 @@ def _certified_classifiers(
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
+    noise: dict[str, Any],
 ) -> list[_Classifier]:
-    """The smoothed classifier each record's certificate is about (Note [certified classifier])."""
+    """The smoothed classifier each record's certificate is about (Note [certified classifier]); ``noise`` holds
+    the certifiers' ``noise`` and ``levels`` options."""
     from stablenet.smoothing.lvm import SIMPLEX_MAPS
     from stablenet.smoothing.soft import HARD_VOTES
 
@@ -397,7 +448,7 @@ def _certified_classifiers(
     if missing and method == "cpm":
         from stablenet.smoothing.cpm import CPMSmooth
 
-        cpm = CPMSmooth(model, num_classes, sigma, input_shape=tuple(images.shape[1:]), input_range=None)
+        cpm = CPMSmooth(model, num_classes, sigma, input_shape=tuple(images.shape[1:]), input_range=None, **noise)
         soft = cpm.soft_votes  # a finite Lipschitz bound on the logits: soft votes (cpm's Note [what L means])
         choice = ("softmax" if soft else HARD_VOTES, cpm.inverse_temperature if soft else None, "re-derived")
         logger.info(
@@ -417,7 +468,7 @@ def _certified_classifiers(
             len(missing),
             certify_n0,
         )
-        lvm = LVMSmooth(model, num_classes, sigma, input_range=None)
+        lvm = LVMSmooth(model, num_classes, sigma, input_range=None, **noise)
         for start in range(0, len(missing), batch_size):
             rows = missing[start : start + batch_size]
             x = images[[todo[i].index for i in rows]].to(device)
@@ -445,6 +496,8 @@ def _attack_smoothed(
     noise_batch_size: int,
     certify_n0: int,
     certify_n: int,
+    noise: str,
+    levels: int | None,
     device: torch.device,
     progress: bool,
 ) -> list[dict[str, Any]]:
@@ -457,8 +510,11 @@ def _attack_smoothed(
     if not todo:
         return []
     from stablenet.smoothing.cohen import Smooth
-    from stablenet.smoothing.sampling import make_generator
+    from stablenet.smoothing.sampling import GridNoise, make_generator
     from stablenet.smoothing.soft import HARD_VOTES, soft_predict
+
+    options: dict[str, Any] = {"noise": noise, "levels": levels} if noise == "grid" else {}
+    grid = GridNoise(sigma, levels) if noise == "grid" else None
 
     if num_classes is None:
         with torch.no_grad():
@@ -481,9 +537,10 @@ def _attack_smoothed(
         batch_size=batch_size,
         generator=noise_gen,
         device=device,
+        noise=options,
     )
     # The certificate covers the whole l2 ball, not only its part inside the pixel box: no range check.
-    cohen = Smooth(model, num_classes, sigma, input_range=None)
+    cohen = Smooth(model, num_classes, sigma, input_range=None, **options)
     groups: dict[tuple[str, float | None], list[int]] = {}
     for i, (simplex_map, s, _) in enumerate(classifiers):
         groups.setdefault((simplex_map, s), []).append(i)
@@ -492,6 +549,7 @@ def _attack_smoothed(
     for (simplex_map, s), members in groups.items():
         hard = simplex_map == HARD_VOTES
         # Hard votes have no gradient at all; the softmax at s = 1 is the usual smooth stand-in (SmoothAdv).
+        # Float noise even for grid records: the surrogate only proposes points (Note [grid records]).
         surrogate = _ExpectedScores(
             model, sigma, eot_samples, noise_gen, "softmax" if hard else simplex_map, 1.0 if hard else float(s)
         )
@@ -501,6 +559,9 @@ def _attack_smoothed(
             target = torch.tensor([r.prediction for r in chunk], device=device)
             eps = torch.tensor([RADIUS_FACTOR * r.radius for r in chunk], dtype=torch.float64)
             x_adv, _ = pgd_l2(surrogate, x, target, eps.to(device), steps=steps, restarts=restarts, generator=generator)
+            rounding: list[str | None] = [None] * len(chunk)
+            if grid is not None:  # Note [grid records]: the grid classifier is evaluated at grid points
+                x_adv, rounding = _onto_grid(x, x_adv, grid.to_grid(x), grid.levels, eps)
             if hard:
                 adv = cohen.predict(x_adv, n, alpha, noise_batch_size, generator=noise_gen)
             else:
@@ -514,17 +575,22 @@ def _attack_smoothed(
                     simplex_map=simplex_map,
                     inverse_temperature=float(s),
                     generator=noise_gen,
+                    **options,
                 )
             adv = torch.as_tensor(adv).to(device)
             broken = (adv != ABSTAIN) & (adv != target)
             distance = (x_adv - x).flatten(1).norm(dim=1)
-            values = zip(rows, chunk, eps.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), strict=True)
-            for i, r, e, a, d, b in values:
+            values = zip(
+                rows, chunk, eps.tolist(), adv.tolist(), distance.tolist(), broken.tolist(), rounding, strict=True
+            )
+            for i, r, e, a, d, b, how in values:
                 details[i] = {
                     **_detail(r, e, a, d, b),
                     "simplex_map": simplex_map,
                     "inverse_temperature": s,
                     "map_source": classifiers[i][2],
+                    "noise": noise,
+                    **({"levels": levels, "grid_rounding": how} if grid is not None else {}),
                 }
     bar.close()
     return details
@@ -563,8 +629,10 @@ def verify_run(
     The data set and split come from the records' sidecar metadata (``FILE.meta.json``); for randomized
     methods so do ``sigma`` (required), ``n`` (default :data:`DEFAULT_SMOOTHING_N`) and ``alpha``
     (default :data:`DEFAULT_SMOOTHING_ALPHA`) of the smoothed classifier's ``predict``, and the certifier's
-    ``n0`` and ``n`` (to re-select LVM-RS's map for old records). Randomized records get an empirical check
-    only, of the classifier their method certifies (see the module docstring).
+    ``n0`` and ``n`` (to re-select LVM-RS's map for old records), and ``noise`` (``"float"`` when absent: records
+    made before it was recorded drew float noise) with its ``levels``. Randomized records get an empirical check
+    only, of the classifier their method certifies, with the noise it was certified with (see the module
+    docstring, Notes [certified classifier] and [grid records]).
 
     Args:
         run_dir: run directory holding ``model.safetensors``.
@@ -623,7 +691,11 @@ def verify_run(
             "alpha": float(meta.get("alpha", DEFAULT_SMOOTHING_ALPHA)),
             "certify_n0": int(meta.get("n0", DEFAULT_SMOOTHING_N0)),
             "certify_n": int(meta.get("n", DEFAULT_SMOOTHING_N)),
+            "noise": meta.get("noise", "float"),
+            "levels": meta.get("levels"),
         }
+        if options["noise"] == "grid" and options["levels"] is None:
+            raise ValueError(f"{records_path}.meta.json says noise 'grid' but has no 'levels'; verify needs its grid")
     return verify_records(
         model,
         images,

@@ -32,6 +32,36 @@ Since :math:`(\Phi^{-1})' = 1/\varphi(\Phi^{-1}) \ge \sqrt{2\pi}`, :math:`R_\Phi
 finite: the margin form only matters when a bound sits at 0 or 1 (where :math:`\Phi^{-1}` is infinite and the
 Cohen form is unusable). The reported radius is :math:`\max(R_\Phi, R_L)`.
 
+# Note [grid noise]
+With ``noise="grid"`` (:class:`~stablenet.smoothing.sampling.GridNoise`, Note [floating-point noise] in
+:mod:`stablenet.smoothing.sampling`) the inputs lie on the grid :math:`\{k/L\}` and the model sees only
+:math:`\phi(k + V)`, :math:`\phi(m) = m/L` in floating point, :math:`V` the Gaussian rounded to the grid. What
+is certified is the smoothed map of the grid base model :math:`F(y) = f(\phi(\mathrm{round}(L y)))` under the
+*real* Gaussian,
+
+.. math:: g^F_c(x) = \mathbb E_\delta\, u_c(x + \delta), \qquad u_c(y) = h_s\big(F(y)\big)_c \in [0, 1],
+
+and at a grid point :math:`x = k/L`, :math:`\mathrm{round}(L(x + \delta)) = k + \mathrm{round}(L\delta)`, so
+:math:`g^F_c(x) = \mathbb E\, h_s(f(\phi(k + V)))_c` is the mean the sampler estimates, except that it draws
+:math:`V` from a law within total variation :math:`\eta` = ``grid.tv_bound(d)`` of the rounded Gaussian. The
+certificate survives in three steps:
+
+1. *Bounds.* The empirical-Bernstein bounds hold, at their levels, for the means under the drawn law (its
+   draws are i.i.d.). For :math:`u` with values in :math:`[0, 1]`,
+   :math:`|\mathbb E_P u - \mathbb E_Q u| = |\int_0^1 (P - Q)(u > \tau)\,d\tau| \le \mathrm{TV}(P, Q) \le \eta`,
+   so on the same event :math:`\underline p_A - \eta \le g^F_A(x)` and :math:`\overline p_B + \eta \ge
+   \max_{B \ne A} g^F_B(x)` (the maximum of upper bounds each raised by :math:`\eta` is the raised maximum).
+   The shift is deterministic: no share of :math:`\alpha` is spent. ``GridNoise.lower_bound`` and
+   ``upper_bound`` apply it, rounding outwards and clipping to :math:`[0, 1]`.
+2. *Radii.* Both forms above need only a measurable :math:`u` with values in :math:`[0, 1]` (:math:`R_\Phi`:
+   Salman et al.'s :math:`1/\sigma`-Lipschitz :math:`\Phi^{-1} \circ \mathbb E\,u(\cdot + \delta)`;
+   :math:`R_L`: the directional derivative of :math:`\mathbb E\,(u_A - u_B)(\cdot + \delta)` with
+   :math:`u_A - u_B \in [-1, 1]`), not continuity. :math:`u_c` is measurable (:math:`F` is constant on each
+   grid cell), so :math:`R_\Phi` and :math:`R_L` of the widened bounds are radii for
+   :math:`\arg\max_c g^F_c` on the whole ball, grid points or not.
+3. *Selection* (Note [selection and estimation]) may follow any rule of the selection draws; it stays
+   unwidened (:math:`\eta < 10^{-12}` for a CIFAR-10 input would not change a choice).
+
 # Note [selection and estimation]
 The published code chose the map and temperature on the same samples that fed the confidence bound, which
 voids the bound's level. Here the candidate (map, temperature) and the top class :math:`A` are chosen on
@@ -69,7 +99,7 @@ from torch import Tensor, nn
 
 from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing.base import eval_mode
-from stablenet.smoothing.sampling import make_generator, mean_and_variance
+from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise, make_generator, mean_and_variance
 from stablenet.smoothing.stats import (
     RADIUS_SHRINK,
     empirical_bernstein_lower,
@@ -214,6 +244,11 @@ class LVMSmooth:
             [0, 1] (values are clamped to [0, 1], which keeps the bounds valid for whatever map results).
         temperatures: the *inverse* temperatures :math:`s > 0`; the map is applied to :math:`s f(x)`.
         input_range: ``(low, high)`` that inputs must lie in (the noisy copies are not clipped), or ``None``.
+        noise: ``"float"`` (``torch.randn`` in at least float32, sound only if the base model ignores rounding)
+            or ``"grid"`` (the exact rounded Gaussian of :class:`~stablenet.smoothing.sampling.GridNoise`, for
+            inputs on the grid ``k / levels``: sound for any base model, with the bounds widened by its
+            ``tv_bound``); see the module's Note [grid noise].
+        levels: grid steps per input unit for ``noise="grid"`` (255 for 8-bit images); unused otherwise.
 
     # Note [eval mode]
     The bounds assume i.i.d. draws; a BatchNorm in training mode would couple the noisy copies that share a
@@ -235,6 +270,8 @@ class LVMSmooth:
         maps: Sequence[str | Callable[[Tensor], Tensor]] = ("softmax", "sparsemax"),
         temperatures: Sequence[float] = (0.5, 1, 2, 4, 8, 16),
         input_range: tuple[float, float] | None = (0.0, 1.0),
+        noise: str = "float",
+        levels: int = 255,
     ) -> None:
         if not _is_int(num_classes) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
@@ -262,12 +299,16 @@ class LVMSmooth:
             if not low < high:
                 raise ValueError(f"input_range must be (low, high) with low < high, or None; got {input_range!r}")
             input_range = (low, high)
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {', '.join(repr(k) for k in NOISE_KINDS)}; got {noise!r}")
         self.base_model = base_model
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
         self.maps = tuple(maps)
         self.temperatures = tuple(temps)
         self.input_range = input_range
+        self.noise = noise
+        self.grid = GridNoise(self.sigma, levels) if noise == "grid" else None
 
     @property
     def num_candidates(self) -> int:
@@ -348,7 +389,8 @@ class LVMSmooth:
            0, the largest predicted :math:`\underline p_A - \overline p_B`).
         2. Estimation (``n`` fresh draws): :func:`lvm_bounds` for the chosen candidate and class, then
            :func:`lvm_radius`; abstain when :math:`\underline p_A \le \overline p_B` or the model returned
-           non-finite logits.
+           non-finite logits. With ``noise="grid"`` the two bounds are first widened by the grid noise's
+           ``tv_bound`` for one input, and the guarantee is about the grid classifier (module Note [grid noise]).
 
         Caveat: the (map, temperature) may differ between inputs, so the certificate is about the smoothed
         classifier of the candidate chosen *for this input*; to certify one fixed classifier everywhere, pass a
@@ -371,8 +413,12 @@ class LVMSmooth:
 
         with eval_mode(model):  # Note [eval mode] in stablenet.smoothing.base
             # Note [selection and estimation]: the estimation call continues the generator, so its draws are fresh.
-            sel_mean, sel_var = mean_and_variance(model, x_dev, n0, self.sigma, batch_size, gen, self._flat_values)
-            est_mean, est_var = mean_and_variance(model, x_dev, n, self.sigma, batch_size, gen, self._flat_values)
+            sel_mean, sel_var = mean_and_variance(
+                model, x_dev, n0, self.sigma, batch_size, gen, self._flat_values, grid=self.grid
+            )
+            est_mean, est_var = mean_and_variance(
+                model, x_dev, n, self.sigma, batch_size, gen, self._flat_values, grid=self.grid
+            )
 
         shape = (n_img, self.num_candidates, self.num_classes)
         sel_mean, sel_var = sel_mean.cpu().numpy().reshape(shape), sel_var.cpu().numpy().reshape(shape)
@@ -383,6 +429,9 @@ class LVMSmooth:
         finite = np.isfinite(mean).all(axis=-1) & np.isfinite(var).all(axis=-1)
         mean, var = np.where(finite[:, None], mean, 0.5), np.where(finite[:, None], var, 0.25)
         p_lower, p_upper = lvm_bounds(mean, var, n, alpha, top)
+        if self.grid is not None:  # Note [grid noise]: bounds for the drawn law, made ones for the rounded Gaussian
+            dim = math.prod(x.shape[1:])
+            p_lower, p_upper = self.grid.lower_bound(p_lower, dim), self.grid.upper_bound(p_upper, dim)
         certified = finite & (p_lower > p_upper)
         radius = np.where(certified, lvm_radius(p_lower, p_upper, self.sigma), 0.0)
         prediction = np.where(certified, top, ABSTAIN)
@@ -435,7 +484,14 @@ class LVMSmooth:
         gen = make_generator(generator, device)
         with eval_mode(model):
             mean, var = mean_and_variance(
-                model, x.to(device=device, dtype=dtype), n0, self.sigma, batch_size, gen, self._flat_values
+                model,
+                x.to(device=device, dtype=dtype),
+                n0,
+                self.sigma,
+                batch_size,
+                gen,
+                self._flat_values,
+                grid=self.grid,
             )
         shape = (len(x), self.num_candidates, self.num_classes)
         choice, _ = self._select(mean.cpu().numpy().reshape(shape), var.cpu().numpy().reshape(shape), n, alpha)

@@ -42,9 +42,9 @@ networks, false for adversarially built ones). What the default does guarantee a
   the noisy input is then cast to the dtype of the model's first floating-point parameter or buffer, and kept
   as it is for a model without one. Float32 and float64 inputs get exactly the noise they got before.
 
-The sound alternative, :class:`GridNoise` (``noise="grid"`` in :class:`~stablenet.smoothing.cohen.Smooth` and,
-with hard votes, :class:`~stablenet.smoothing.cpm.CPMSmooth`; :class:`~stablenet.smoothing.lvm.LVMSmooth`
-draws float noise only), follows Voráček & Hein:
+The sound alternative, :class:`GridNoise` (``noise="grid"`` in :class:`~stablenet.smoothing.cohen.Smooth`,
+:class:`~stablenet.smoothing.lvm.LVMSmooth`, :func:`~stablenet.smoothing.soft.soft_predict` and, with hard votes,
+:class:`~stablenet.smoothing.cpm.CPMSmooth`; ``--noise grid`` in ``stablenet certify``), follows Voráček & Hein:
 
 * inputs lie on a grid :math:`\{k/L\}` (``levels`` :math:`L`, 255 for 8-bit images; anything else is refused,
   not rounded), and the noise is the real Gaussian *rounded to that grid*, :math:`V = \mathrm{round}(L\delta)`,

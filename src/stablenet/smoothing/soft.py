@@ -19,7 +19,10 @@ This is the classifier that
   ``predict`` is :meth:`stablenet.smoothing.cohen.Smooth.predict`.
 
 :func:`soft_predict` is the soft analogue of Cohen et al.'s ``PREDICT``: it returns :math:`G(x)` or abstains,
-and is wrong (returns a class other than :math:`G(x)`) with probability at most :math:`\alpha`.
+and is wrong (returns a class other than :math:`G(x)`) with probability at most :math:`\alpha`. With
+``noise="grid"`` it evaluates the classifier that :class:`~stablenet.smoothing.lvm.LVMSmooth` certifies with grid
+noise: :math:`G` of the grid base model :math:`f(\mathrm{round}(L\,\cdot)/L)`, at grid points (Note [grid
+noise] in :mod:`stablenet.smoothing.lvm`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import Tensor, nn
 from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing.base import check_alpha, check_count, eval_mode, model_device
 from stablenet.smoothing.lvm import SIMPLEX_MAPS
-from stablenet.smoothing.sampling import make_generator, mean_and_variance
+from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise, make_generator, mean_and_variance
 from stablenet.smoothing.stats import empirical_bernstein_lower, empirical_bernstein_upper
 
 __all__ = ["HARD_VOTES", "simplex_scores", "soft_predict", "soft_vote_decision"]
@@ -65,7 +68,7 @@ def simplex_scores(logits: Tensor, simplex_map: str = "softmax", inverse_tempera
     return SIMPLEX_MAPS[simplex_map](logits.to(torch.float64) * s).clamp(0.0, 1.0)
 
 
-def soft_vote_decision(mean: np.ndarray, var: np.ndarray, n: int, alpha: float) -> np.ndarray:
+def soft_vote_decision(mean: np.ndarray, var: np.ndarray, n: int, alpha: float, *, tv: float = 0.0) -> np.ndarray:
     r"""The top class of ``mean``, or ``ABSTAIN`` unless its lower bound beats every other class's upper bound.
 
     ``mean`` and ``var`` (shape ``(..., K)``) are the sample mean and unbiased sample variance of ``n`` i.i.d.
@@ -81,6 +84,11 @@ def soft_vote_decision(mean: np.ndarray, var: np.ndarray, n: int, alpha: float) 
     Bounding every class (not only :math:`\hat A` and a runner-up) is what makes choosing :math:`\hat A` on the
     same draws harmless. Summation errors widen the bounds as in :mod:`stablenet.smoothing.lvm`, Note
     [summation error].
+
+    ``tv`` > 0 is for draws from a law within total variation ``tv`` of the one whose expectation :math:`g` is
+    meant (grid noise, Note [grid noise] in :mod:`stablenet.smoothing.lvm`): each lower bound is lowered and
+    each upper bound raised by ``tv`` (rounded outwards, clipped to [0, 1]), which keeps the guarantee for that
+    :math:`g`, since a :math:`[0, 1]`-valued mean moves by at most ``tv`` between the two laws.
 
     Example:
         >>> soft_vote_decision(np.array([[0.7, 0.3], [0.505, 0.495]]), np.full((2, 2), 0.01), 10_000, 0.001)
@@ -99,8 +107,13 @@ def soft_vote_decision(mean: np.ndarray, var: np.ndarray, n: int, alpha: float) 
     slack = 4.0 * n * 2.0**-53
     var_hi = np.maximum(var, 0.0) + slack
     level = check_alpha(alpha) / (2 * num_classes)
+    if isinstance(tv, (bool, np.bool_)) or not isinstance(tv, numbers.Real) or not 0 <= tv <= 1:
+        raise ValueError(f"tv must be a number in [0, 1]; got {tv!r}")
     lower = empirical_bernstein_lower(np.clip(mean - slack, 0.0, 1.0), var_hi, n, level)
     upper = empirical_bernstein_upper(np.clip(mean + slack, 0.0, 1.0), var_hi, n, level)
+    if tv > 0:
+        lower = np.maximum(np.nextafter(lower - tv, -np.inf), 0.0)
+        upper = np.minimum(np.nextafter(upper + tv, np.inf), 1.0)
     top = mean.argmax(axis=-1)
     lower_top = np.take_along_axis(lower, top[..., None], axis=-1)[..., 0]
     upper_other = np.where(np.arange(num_classes) == top[..., None], -np.inf, upper).max(axis=-1)
@@ -118,6 +131,8 @@ def soft_predict(
     simplex_map: str = "softmax",
     inverse_temperature: float = 1.0,
     generator: int | torch.Generator | None = None,
+    noise: str = "float",
+    levels: int = 255,
 ) -> Tensor:
     r"""Monte-Carlo prediction of the smoothed soft classifier :math:`G(x) = \arg\max_c \mathbb E[h(s\,f(x +
     \delta))_c]`, or ``ABSTAIN``, per input.
@@ -131,6 +146,12 @@ def soft_predict(
     box, and the smoothed classifier is defined everywhere). The base model runs in eval mode (Note [eval mode]
     in :mod:`stablenet.smoothing.base`).
 
+    With ``noise="grid"`` the noise is :class:`~stablenet.smoothing.sampling.GridNoise` (inputs must lie on the
+    grid ``k / levels``; a ``ValueError`` otherwise), :math:`G` is that of the grid base model
+    :math:`f(\mathrm{round}(L\,\cdot)/L)` (what :class:`~stablenet.smoothing.lvm.LVMSmooth` certifies with the
+    same noise), and the bounds of :func:`soft_vote_decision` are widened by the noise's ``tv_bound`` for one
+    input, so the guarantee above holds for that :math:`G`.
+
     Args:
         base_model: maps ``(B, ...)`` inputs to ``(B, K)`` logits.
         x: inputs ``(N, ...)``, floating point.
@@ -141,6 +162,8 @@ def soft_predict(
         simplex_map: one of :data:`~stablenet.smoothing.lvm.SIMPLEX_MAPS`.
         inverse_temperature: :math:`s > 0`.
         generator: ``None`` (fresh randomness), an int seed, or a ``torch.Generator`` on the model's device.
+        noise: ``"float"`` or ``"grid"``, as in :class:`~stablenet.smoothing.lvm.LVMSmooth`.
+        levels: grid steps per input unit for ``noise="grid"``; unused otherwise.
 
     Returns:
         A long tensor ``(N,)`` of classes or ``ABSTAIN``, on the model's device.
@@ -160,6 +183,9 @@ def soft_predict(
         raise ValueError(f"sigma must be a finite number > 0; got {sigma!r}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise ValueError(f"x must be a floating-point tensor of shape (N, ...); got {getattr(x, 'shape', x)!r}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {', '.join(repr(k) for k in NOISE_KINDS)}; got {noise!r}")
+    grid = GridNoise(float(sigma), levels) if noise == "grid" else None
     device = model_device(base_model, x.device)
     x = x.detach().to(device)
     if len(x) == 0:
@@ -167,7 +193,8 @@ def soft_predict(
     gen = make_generator(generator, device)
     with eval_mode(base_model):
         mean, var = mean_and_variance(
-            base_model, x, n, float(sigma), batch_size, gen, lambda z: simplex_scores(z, simplex_map, s)
+            base_model, x, n, float(sigma), batch_size, gen, lambda z: simplex_scores(z, simplex_map, s), grid=grid
         )
-    decision = soft_vote_decision(mean.cpu().numpy(), var.cpu().numpy(), n, alpha)
+    tv = 0.0 if grid is None else grid.tv_bound(math.prod(x.shape[1:]))
+    decision = soft_vote_decision(mean.cpu().numpy(), var.cpu().numpy(), n, alpha, tv=tv)
     return torch.as_tensor(decision, dtype=torch.long).to(device)
