@@ -1,7 +1,7 @@
 """Lipschitz certification of trained runs: certified accuracy and time, per certified arithmetic.
 
-    python benchmarks/certify_arithmetic.py --run runs/demo/train --repeats 5 \
-        --json benchmarks/results/cpu/certify_arithmetic_demo.json
+    python benchmarks/certify_arithmetic.py --run runs/demo/train --repeats 7 \
+        --json benchmarks/results/cpu/certify/arithmetic_demo.json
     python benchmarks/certify_arithmetic.py --run runs/mnist_curvature_base --data-root ../shared/data/mnist
 
 For each arithmetic the certifier offers (``float64`` and ``native``; Note [certified arithmetic] in
@@ -9,9 +9,9 @@ For each arithmetic the certifier offers (``float64`` and ``native``; Note [cert
 split in batches of 256, ``--repeats`` times, arithmetics interleaved so a noisy machine slows them alike. It
 reports the median wall time of building the certifier and of certifying, clean and certified accuracy at the
 data set's standard radii, and the mean radius; and the median wall time of the whole certification stage,
-``stablenet.certify.run.certify_run`` (loading the model and the data, the certifier, writing the records), into a
-temporary file. The same script runs against an older checkout of the package
-(``PYTHONPATH=OLD/src``), whose certifier has no ``arithmetic`` option: its one row is labelled ``legacy``.
+``certify_run`` (loading the model and the data, the certifier, writing the records), into a temporary file.
+The same script runs against an older checkout of the package (``PYTHONPATH=OLD/src``), whose certifier has no
+``arithmetic`` option: its one row is labelled ``legacy``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,16 @@ import torch
 
 import stablenet
 from stablenet.certify.lipschitz import LipschitzCertifier
-from stablenet.certify.report import STANDARD_RADII
-from stablenet.certify.run import certify_run
-from stablenet.io import atomic_write_text
 from stablenet.train.checkpoint import read_model_metadata
+
+try:
+    from stablenet.atomic import atomic_write_text
+    from stablenet.data.radii import STANDARD_RADII
+    from stablenet.workflows.certification import certify_run
+except ImportError:  # a checkout from before the workflows package (the *_before.json files)
+    from stablenet.certify.report import STANDARD_RADII
+    from stablenet.certify.run import certify_run
+    from stablenet.io import atomic_write_text
 
 
 def arithmetics() -> list[str]:

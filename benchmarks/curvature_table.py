@@ -17,9 +17,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from stablenet.atomic import atomic_write, atomic_write_text
 from stablenet.certify.records import read_records
-from stablenet.certify.report import certified_accuracy
-from stablenet.io import atomic_write, atomic_write_text
+from stablenet.workflows.report import certified_accuracy
 
 VARIANTS = {"base": "plain", "ad": "activation decay (λ=0.01)", "sam": "SAM (ρ=0.05)"}
 RADII = (0.5, 1.0, 1.58)

@@ -21,8 +21,8 @@ import statistics
 import torch
 
 import stablenet.spectral.dense as dense
+from stablenet.atomic import atomic_write_text
 from stablenet.bench.spectral import cpu_peak_bytes, resnet18_bound_time, resnet18_kernels
-from stablenet.io import atomic_write_text
 
 
 def checked_rounds(run) -> tuple[object, int]:

@@ -136,10 +136,10 @@ def test_certify_with_grid_noise_records_it(tmp_path, trained_digits_run, capsys
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--noise", "gauss"], "--noise must be one of float, grid; got 'gauss'"),
-        (["--noise", "grid", "--levels", "0"], "--levels must be an int >= 1; got 0"),
+        (["--noise", "gauss"], "noise must be one of float, grid; got 'gauss'"),
+        (["--noise", "grid", "--levels", "0"], "levels must be an int >= 1; got 0"),
         (["--noise", "grid", "--levels", "many"], "--levels must be an int >= 1; got 'many'"),
-        (["--levels", "255"], "--levels goes with --noise grid only"),
+        (["--levels", "255"], "levels goes with noise 'grid' only"),
         (["--noise", "grid", "--levels", "255"], "needs inputs on the grid k / 255"),
         (["--noise", "grid", "--sigma", "300"], "sigma * levels must be at most 4096"),
         (["--method", "lipschitz", "--noise", "grid"], "--noise and --levels apply to the randomized methods"),

@@ -239,8 +239,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from stablenet.certify.run import CERTIFY_METHODS, SMOOTHING_METHODS, SmoothingParams, certify_run
     from stablenet.train.trainer import resolve_device
+    from stablenet.workflows.certification import CERTIFY_METHODS, SMOOTHING_METHODS, SmoothingParams, certify_run
 
     levels = args.levels
     if levels is not None:  # parsed here, not by argparse, for a one-line error
@@ -296,7 +296,7 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from stablenet.certify.report import write_report
+    from stablenet.workflows.report import write_report
 
     names = args.names.split(",") if args.names else None
     path = write_report(args.records, args.out, radii=_floats(args.radii, "--radii"), dataset=args.dataset, names=names)
@@ -307,7 +307,7 @@ def _report(args: argparse.Namespace) -> int:
 def _lipschitz(args: argparse.Namespace) -> int:
     import torch
 
-    from stablenet.io import atomic_write_json
+    from stablenet.atomic import atomic_write_json
     from stablenet.spectral.network import layer_lipschitz_bounds, lipschitz_lower_bound, lipschitz_upper_bound
 
     if args.num_inputs < 1:
@@ -353,9 +353,9 @@ def _lipschitz(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from stablenet.certify.verify import verify_run
-    from stablenet.io import atomic_write_json
+    from stablenet.atomic import atomic_write_json
     from stablenet.train.trainer import resolve_device
+    from stablenet.workflows.verification import verify_run
 
     result = verify_run(
         args.run,
@@ -415,8 +415,8 @@ def _hessian(args: argparse.Namespace) -> int:
     import torch
     from torch.nn import functional
 
+    from stablenet.atomic import atomic_write_json
     from stablenet.curvature.hessian import STARTS, Hessian
-    from stablenet.io import atomic_write_json
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1; got {args.top_k}")
@@ -624,8 +624,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from stablenet.certify.records import read_records
-    from stablenet.certify.report import STANDARD_RADII, certified_accuracy
-    from stablenet.demo import run_demo
+    from stablenet.workflows.demo import run_demo
+    from stablenet.workflows.report import STANDARD_RADII, certified_accuracy
 
     t0 = time.perf_counter()
     result = run_demo(args.out, progress=not args.quiet)

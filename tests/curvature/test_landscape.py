@@ -397,7 +397,7 @@ def test_cli_landscape_2d_writes_grid_and_plots(tiny_run, tmp_path, capsys):
     assert 0.0 <= np.nanmin(grid.accuracy) and np.nanmax(grid.accuracy) <= 1.0
     # The origin is the trained model's cross-entropy on the first 100 test images.
     from stablenet.data import load_dataset
-    from stablenet.train import load_model
+    from stablenet.models import load_model
 
     data = load_dataset("digits", "test")
     model = load_model(tiny_run)
@@ -454,7 +454,7 @@ def test_cli_hessian_writes_json(tiny_run, tmp_path, capsys):
     # The same operator built by hand (cross-entropy, first 64 test images, eval mode, same seed) gives the
     # same eigenvalues: the command wires model, data and loss as documented.
     from stablenet.data import load_dataset
-    from stablenet.train import load_model
+    from stablenet.models import load_model
 
     data = load_dataset("digits", "test")
     direct = hessian_module.Hessian(

@@ -60,6 +60,7 @@ def test_all_lists_exactly_the_public_names():
         "ImageData",
         "DatasetInfo",
         "DeviceLoader",
+        "STANDARD_RADII",
     }
 
 

@@ -67,7 +67,7 @@ def test_run_directory_contents_and_learning(tmp_path):
 def test_refuses_to_overwrite_and_checks_resume_config(tmp_path):
     train(_config(tmp_path / "run", epochs=1), progress=False)
     before = (tmp_path / "run" / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+    with pytest.raises(ValueError, match="already holds a run; resume it"):
         train(_config(tmp_path / "run", epochs=1), progress=False)
     with pytest.raises(ValueError, match="config differs from the saved one in epochs"):
         train(_config(tmp_path / "run", epochs=2), resume=True, progress=False)

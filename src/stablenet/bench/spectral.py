@@ -254,6 +254,6 @@ def resnet18_bound_time(
 
 
 def write_rows(rows: list[dict], path: str) -> None:
-    from stablenet.io import atomic_write_text
+    from stablenet.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -62,7 +62,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from stablenet.certify.records import ABSTAIN
+from stablenet.abstain import ABSTAIN
 from stablenet.certify.rounding import LogitErrorBound, RoundingWalk, _radius_below
 from stablenet.precision import sound_arithmetic
 from stablenet.spectral.network import lipschitz_bound_tree

@@ -2,7 +2,7 @@
 
 Every certifier (Lipschitz margins, randomized smoothing, ...) appends one :class:`CertificationRecord` per
 example to a ``.jsonl`` file through a :class:`RecordWriter`; reports and plots
-(:mod:`stablenet.certify.report`) are made from those files alone, never by re-running a certifier.
+(:mod:`stablenet.workflows.report`) are made from those files alone, never by re-running a certifier.
 
 A record has the keys of :data:`RECORD_FIELDS`, written in that order, one compact JSON object per line::
 
@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from stablenet.io import atomic_write_bytes, atomic_write_json
+from stablenet.abstain import ABSTAIN
+from stablenet.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "ABSTAIN",
@@ -70,8 +71,6 @@ RECORD_FIELDS: tuple[str, ...] = (
 OPTIONAL_RECORD_FIELDS: tuple[str, ...] = ("simplex_map", "inverse_temperature")
 """Keys a record may add after :data:`RECORD_FIELDS`, in this order, written only when set (not ``None``)."""
 
-ABSTAIN: int = -1
-"""The ``prediction`` of an example on which the certifier abstained (never correct, radius 0)."""
 
 _META_SUFFIX = ".meta.json"
 _KEYS_HINT = (

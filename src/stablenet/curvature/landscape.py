@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stablenet.io import atomic_write
+from stablenet.atomic import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -5,6 +5,7 @@
   ``root``, ``$STABLENET_DATA``, ``./data`` or ``~/.cache/stablenet/data`` (see :mod:`stablenet.data.builtin`)
   and decoded once into a uint8 cache under ``$STABLENET_CACHE`` or ``~/.cache/stablenet/cache``.
 * :func:`dataset_info` gives classes, shape and normalisation statistics without loading anything.
+* :data:`STANDARD_RADII`: the l2 radii certified accuracy is reported at, per data set.
 * :class:`DeviceLoader` yields shuffled, augmented batches from a data set held whole on one device.
 
 Example:
@@ -26,8 +27,10 @@ from stablenet.data.datasets import (
     register_dataset,
 )
 from stablenet.data.loader import DeviceLoader
+from stablenet.data.radii import STANDARD_RADII
 
 __all__ = [
+    "STANDARD_RADII",
     "DatasetInfo",
     "DeviceLoader",
     "ImageData",

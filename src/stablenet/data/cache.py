@@ -14,7 +14,7 @@ the cache directory to reclaim space.
 # Note [corrupt cache]
 A cache file that cannot be read, or holds arrays of the wrong type or shape, is treated as absent: it is
 logged, decoded again from the source and rewritten. A cache directory that cannot be written to is
-logged and otherwise ignored. Writes go through :func:`stablenet.io.atomic_write`, so a killed process
+logged and otherwise ignored. Writes go through :func:`stablenet.atomic.atomic_write`, so a killed process
 never leaves a torn entry.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stablenet.io import atomic_write
+from stablenet.atomic import atomic_write
 
 __all__ = [
     "CACHE_ENV",

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stablenet.nn.base import at_least_float32
-from stablenet.spectral.rescaling import aol_conv_rescaling, conv_gram_kernel, dilate_kernel
+from stablenet.spectral.rescaling import aol_conv_rescaling, conv_gram_kernel, dilate_kernel, sll_rescaling
 
 __all__ = ["aol_scaled", "sll_back_weight"]
 
@@ -224,7 +224,7 @@ def _sll_reference(kernel: Tensor, q_log: Tensor) -> Tensor:
     """``sll_back_weight`` as a composition of differentiable torch operations (the specification)."""
     with torch.autocast(kernel.device.type, enabled=False):
         gram = conv_gram_kernel(kernel.to(torch.float64))[0]
-        t = _sll_rescaling(gram.abs().sum(dim=(-2, -1)), q_log.to(torch.float64))
+        t = sll_rescaling(gram.abs().sum(dim=(-2, -1)), q_log.to(torch.float64))
         out = at_least_float32(kernel)
         return -2.0 * out * t.to(out.dtype)[:, None, None, None]
 
@@ -233,9 +233,3 @@ def _reference_grad(reference, inputs: tuple[Tensor, ...], grad: Tensor, *args: 
     with torch.enable_grad():
         out = reference(*inputs, *args)
     return torch.autograd.grad(out, inputs, grad, create_graph=True)
-
-
-def _sll_rescaling(gram_abs: Tensor, q_log: Tensor) -> Tensor:
-    from stablenet.nn.sll import sll_rescaling  # stablenet.nn.sll imports this module
-
-    return sll_rescaling(gram_abs, q_log)

@@ -37,25 +37,9 @@ from stablenet.nn.base import at_least_float32
 from stablenet.nn.fused import sll_back_weight
 from stablenet.nn.residual import Residual
 from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
-from stablenet.spectral.rescaling import conv_gram_kernel
+from stablenet.spectral.rescaling import conv_gram_kernel, sll_rescaling
 
 __all__ = ["SLLConv2d", "SLLLinear", "sll_rescaling"]
-
-
-def sll_rescaling(gram_abs: Tensor, q_log: Tensor) -> Tensor:
-    r"""The SLL scaling :math:`t_i = q_i / \sum_j |WW^\top|_{ij} q_j`, computed without overflow.
-
-    ``q`` is shifted by its maximum first (the ratio is scale-invariant), so ``exp`` never overflows; an
-    underflowing :math:`q_i` gives :math:`t_i = 0`, which is sound.
-
-    Args:
-        gram_abs: ``(k, k)`` non-negative matrix :math:`|W W^\top|` (or any upper bound of it entrywise).
-        q_log: ``(k,)`` free log-weights.
-    """
-    q = torch.exp(q_log - q_log.max().detach())
-    denom = gram_abs @ q
-    positive = denom > 0
-    return torch.where(positive, q / torch.where(positive, denom, torch.ones_like(denom)), torch.zeros_like(q))
 
 
 class SLLLinear(_ResidualLinear):

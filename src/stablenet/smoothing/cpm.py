@@ -112,7 +112,7 @@ import torch
 from scipy import special
 from torch import Tensor, nn
 
-from stablenet.certify.records import ABSTAIN
+from stablenet.abstain import ABSTAIN
 from stablenet.smoothing import sampling, stats
 from stablenet.smoothing.base import check_alpha as _check_alpha
 from stablenet.smoothing.base import check_count as _check_count

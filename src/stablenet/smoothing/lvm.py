@@ -97,7 +97,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stablenet.certify.records import ABSTAIN
+from stablenet.abstain import ABSTAIN
 from stablenet.smoothing.base import eval_mode
 from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise, make_generator, mean_and_variance
 from stablenet.smoothing.stats import (
@@ -463,8 +463,8 @@ class LVMSmooth:
         Step 1 of :meth:`certify_detailed` alone (``n`` and ``alpha`` only enter the predicted radius). The draws
         are whatever ``generator`` gives: with fresh draws the choice can differ from the one a certification
         made, which is why certification runs record it (``simplex_map`` and ``inverse_temperature`` in
-        :class:`~stablenet.certify.records.CertificationRecord`); :func:`stablenet.certify.verify.verify_records`
-        falls back on this for records written before that.
+        :class:`~stablenet.certify.records.CertificationRecord`);
+        :func:`stablenet.workflows.verification.verify_records` falls back on this for records written before that.
 
         Returns:
             ``(map_index, temperature)``: a long tensor (indices into ``maps``) and a float64 tensor of inverse

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stablenet.certify.records import ABSTAIN
+from stablenet.abstain import ABSTAIN
 from stablenet.smoothing.base import check_alpha, check_count, eval_mode, model_device
 from stablenet.smoothing.lvm import SIMPLEX_MAPS
 from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise, make_generator, mean_and_variance

@@ -34,6 +34,7 @@ from stablenet.spectral.rescaling import (
     conv_gram_power_rowsums,
     dilate_kernel,
     safe_reciprocal,
+    sll_rescaling,
     sr_conv_rescaling,
     sr_rescaling,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "power_iteration",
     "register_lipschitz_rule",
     "safe_reciprocal",
+    "sll_rescaling",
     "spatial_gram_bound",
     "spectral_norm_exact",
     "spectral_norm_upper_bound",

@@ -60,6 +60,7 @@ __all__ = [
     "conv_gram_power_rowsums",
     "dilate_kernel",
     "safe_reciprocal",
+    "sll_rescaling",
     "sr_conv_rescaling",
     "sr_rescaling",
 ]
@@ -465,3 +466,19 @@ def sr_conv_rescaling(kernel: Tensor, n_iter: int = 3, groups: int = 1) -> Tenso
     rowsums, log_scale = conv_gram_power_rowsums(kernel5, n_iter, side="output")
     exponent = 2.0**-n_iter
     return (_safe_power(rowsums, exponent) * torch.exp(log_scale * exponent)[:, None]).reshape(co)
+
+
+def sll_rescaling(gram_abs: Tensor, q_log: Tensor) -> Tensor:
+    r"""The SLL scaling :math:`t_i = q_i / \sum_j |WW^\top|_{ij} q_j`, computed without overflow.
+
+    ``q`` is shifted by its maximum first (the ratio is scale-invariant), so ``exp`` never overflows; an
+    underflowing :math:`q_i` gives :math:`t_i = 0`, which is sound.
+
+    Args:
+        gram_abs: ``(k, k)`` non-negative matrix :math:`|W W^\top|` (or any upper bound of it entrywise).
+        q_log: ``(k,)`` free log-weights.
+    """
+    q = torch.exp(q_log - q_log.max().detach())
+    denom = gram_abs @ q
+    positive = denom > 0
+    return torch.where(positive, q / torch.where(positive, denom, torch.ones_like(denom)), torch.zeros_like(q))

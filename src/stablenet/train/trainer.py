@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stablenet.atomic import atomic_write_text, atomic_write_yaml
 from stablenet.certify.lipschitz import LipschitzCertifier
-from stablenet.certify.report import STANDARD_RADII
 from stablenet.curvature.regularizers import total_penalty
 from stablenet.curvature.sam import sam_step
 from stablenet.data import DeviceLoader, dataset_info, load_dataset
-from stablenet.io import atomic_write_text, atomic_write_yaml
+from stablenet.data.radii import STANDARD_RADII
 from stablenet.models import create_model
 from stablenet.nn.graphs import capture_weight_maps
 from stablenet.train.checkpoint import (
@@ -219,7 +219,8 @@ def train(
     has_state = (run_dir / TRAIN_STATE_FILE).exists()
     if not resume and (has_state or (run_dir / MODEL_FILE).exists()):
         raise ValueError(
-            f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            f"run directory {run_dir} already holds a run; resume it (resume=True, --resume on the command line) "
+            "or choose another out directory"
         )
     if resume and not has_state:
         raise ValueError(f"cannot resume: {run_dir / TRAIN_STATE_FILE} does not exist")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stablenet import create_model, load_model
-from stablenet.train.checkpoint import MODEL_FILE, read_model_metadata, save_model
+from stablenet.models.persistence import MODEL_FILE, read_model_metadata, save_model
 
 META = {
     "model": "sll_mlp",
@@ -58,3 +58,13 @@ def test_missing_checkpoint_and_metadata(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="metadata lacks"):
         save_model(tmp_path, _model(), {"model": "sll_mlp"})
+
+
+def test_load_run_returns_the_model_its_metadata_and_the_split(trained_digits_run):
+    from stablenet import load_run
+
+    run = load_run(trained_digits_run.run_dir, "test")
+    assert run.metadata["dataset"] == "digits" and not run.model.training
+    assert run.images.shape == (360, 1, 8, 8) and run.labels.shape == (360,)
+    train = load_run(trained_digits_run.run_dir, "train")
+    assert len(train.images) == 1797 - 360

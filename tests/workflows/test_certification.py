@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from stablenet.certify.records import read_metadata, read_records
-from stablenet.certify.run import SmoothingParams, certify_run
+from stablenet.workflows.certification import SmoothingParams, certify_run
 
 
 def test_smoothing_params_validation():
     for kwargs, message in [
-        (dict(sigma=0.0), "--sigma must be > 0"),
-        (dict(sigma=0.5, n=0), "--n0 and --n must be >= 1"),
-        (dict(sigma=0.5, alpha=1.5), r"--alpha must be in \(0, 1\)"),
+        (dict(sigma=0.0), "sigma must be > 0"),
+        (dict(sigma=0.5, n=0), "n0 and n must be >= 1"),
+        (dict(sigma=0.5, alpha=1.5), r"alpha must be in \(0, 1\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             SmoothingParams(**kwargs)
@@ -77,9 +77,9 @@ def test_lipschitz_run_records_its_arithmetic_and_refuses_to_mix(tmp_path, train
 
 def test_smoothing_params_noise_validation():
     for kwargs, message in [
-        (dict(noise="gauss"), "--noise must be one of float, grid; got 'gauss'"),
-        (dict(levels=255), "--levels goes with --noise grid only"),
-        (dict(noise="grid", levels=0), "--levels must be an int >= 1; got 0"),
+        (dict(noise="gauss"), "noise must be one of float, grid; got 'gauss'"),
+        (dict(levels=255), "levels goes with noise 'grid' only"),
+        (dict(noise="grid", levels=0), "levels must be an int >= 1; got 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             SmoothingParams(sigma=0.5, **kwargs)
@@ -119,18 +119,18 @@ def test_grid_run_records_its_noise_and_a_resumed_file_cannot_mix_noises(tmp_pat
 
 
 def test_grid_run_refuses_images_off_its_grid_before_writing(tmp_path, trained_digits_run):
-    from stablenet.certify.run import certify_dataset
     from stablenet.data import load_dataset
+    from stablenet.workflows.certification import certify_dataset
 
     images, labels = load_dataset("digits", "test")
     out = tmp_path / "off.jsonl"
     params = SmoothingParams(sigma=0.25, n0=10, n=100, noise="grid", levels=255)
     kwargs = dict(method="smoothing", smoothing=params, indices=[0, 1], progress=False)
-    with pytest.raises(ValueError, match=r"needs inputs on the grid k / 255 .*; set --levels to the grid") as excinfo:
+    with pytest.raises(ValueError, match=r"needs inputs on the grid k / 255 .*; set levels to the grid") as excinfo:
         certify_dataset(trained_digits_run.model, images, labels, out, **kwargs)
     assert "\n" not in str(excinfo.value)
     kwargs["smoothing"] = SmoothingParams(sigma=0.25, n0=10, n=100, noise="grid")
-    with pytest.raises(ValueError, match=r"noise 'grid' needs levels \(--levels\)"):
+    with pytest.raises(ValueError, match="noise 'grid' needs levels, the grid"):
         certify_dataset(trained_digits_run.model, images, labels, out, **kwargs)
     assert not out.exists() and not (tmp_path / "off.jsonl.meta.json").exists()
 

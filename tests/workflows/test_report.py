@@ -1,4 +1,4 @@
-"""Tests for stablenet.certify.report: certified accuracy, ACR, the Markdown report and the plot."""
+"""Tests for stablenet.workflows.report: certified accuracy, ACR, the Markdown report and the plot."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import stablenet.certify.records as records_module
-import stablenet.certify.report as report_module
+import stablenet.workflows.report as report_module
 from stablenet.certify.records import ABSTAIN, CertificationRecord, RecordWriter
-from stablenet.certify.report import (
+from stablenet.workflows.report import (
     STANDARD_RADII,
     average_certified_radius,
     certified_accuracy,

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from stablenet.io import atomic_write_bytes, atomic_write_json
+from stablenet.atomic import atomic_write_bytes, atomic_write_json
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
@@ -27,7 +27,7 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         f.write(b"partial")
         raise RuntimeError("killed")
 
-    from stablenet.io import atomic_write
+    from stablenet.atomic import atomic_write
 
     with pytest.raises(RuntimeError):
         atomic_write(path, boom)

@@ -10,10 +10,11 @@ from torch import nn
 
 from stablenet.certify.lipschitz import certify_lipschitz
 from stablenet.certify.records import ABSTAIN, CertificationRecord, RecordWriter, read_metadata, read_records
-from stablenet.certify.run import certify_run
-from stablenet.certify.verify import RADIUS_FACTOR, verify_records, verify_run
 from stablenet.cli import main
-from stablenet.train import TrainConfig, load_model, train
+from stablenet.models import load_model
+from stablenet.train import TrainConfig, train
+from stablenet.workflows.certification import certify_run
+from stablenet.workflows.verification import RADIUS_FACTOR, verify_records, verify_run
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def test_old_records_without_the_classifier_fields_still_verify(caplog):
     model = _asymmetric_model()
     gen = torch.Generator().manual_seed(0)
     # cpm: the model has a finite Lipschitz bound, so certify_run would have used soft votes at s = 1.
-    with caplog.at_level(logging.INFO, logger="stablenet.certify.verify"):
+    with caplog.at_level(logging.INFO, logger="stablenet.workflows.verification"):
         cpm = verify_records(model, x, _two_claims("cpm"), method="cpm", generator=gen, **_SOFT_CHECK)
     assert cpm.broken_indices == [1]
     for d in cpm.details:
@@ -258,7 +259,7 @@ def test_old_records_without_the_classifier_fields_still_verify(caplog):
     assert "2 cpm records name no simplex_map; re-derived" in caplog.text
     caplog.clear()
     # lvm-rs: the choice cannot be replayed; it is re-selected on fresh draws, with one warning line.
-    with caplog.at_level(logging.WARNING, logger="stablenet.certify.verify"):
+    with caplog.at_level(logging.WARNING, logger="stablenet.workflows.verification"):
         lvm = verify_records(
             model, x, _two_claims("lvm-rs"), method="lvm-rs", generator=gen, certify_n0=50, **_SOFT_CHECK
         )
@@ -288,8 +289,8 @@ def test_records_naming_a_classifier_their_method_does_not_certify_are_refused()
 
 @pytest.mark.parametrize("method", ["lvm-rs", "cpm"])
 def test_certify_run_records_the_classifier_and_verify_uses_it(lipschitz_run, tmp_path, method):
-    from stablenet.certify.run import SmoothingParams
     from stablenet.data import load_dataset
+    from stablenet.workflows.certification import SmoothingParams
 
     run, _ = lipschitz_run
     params = SmoothingParams(sigma=0.25, n0=20, n=400, alpha=0.01)
@@ -367,7 +368,7 @@ def test_grid_records_are_checked_with_grid_noise_at_grid_points(method, fields)
 
 
 def test_adversarial_points_are_moved_onto_the_grid_inside_the_box_and_the_ball():
-    from stablenet.certify.verify import _onto_grid
+    from stablenet.workflows.verification import _onto_grid
 
     gen = torch.Generator().manual_seed(0)
     steps = torch.randint(0, 17, (64, 1, 4, 4), generator=gen)
@@ -386,8 +387,8 @@ def test_adversarial_points_are_moved_onto_the_grid_inside_the_box_and_the_ball(
 
 
 def test_verify_run_evaluates_grid_records_with_their_grid(lipschitz_run, tmp_path, monkeypatch):
-    from stablenet.certify.run import SmoothingParams
     from stablenet.smoothing.cohen import Smooth
+    from stablenet.workflows.certification import SmoothingParams
 
     run, _ = lipschitz_run
     params = SmoothingParams(sigma=0.25, n0=10, n=200, alpha=0.01, noise="grid")

@@ -1,0 +1,33 @@
+"""Workflows on trained runs: certification runs, verification by attack, reports, and the demo.
+
+They compose the tiers below (models and their files, certificates, smoothing) into resumable jobs that read a
+run directory and write record files and reports; the CLI is a thin layer over them.
+"""
+
+from stablenet.workflows.certification import (
+    CERTIFY_METHODS,
+    SMOOTHING_METHODS,
+    SmoothingParams,
+    certify_dataset,
+    certify_run,
+)
+from stablenet.workflows.demo import DemoResult, run_demo
+from stablenet.workflows.report import STANDARD_RADII, certified_accuracy, summarize, write_report
+from stablenet.workflows.verification import VerifyResult, verify_records, verify_run
+
+__all__ = [
+    "CERTIFY_METHODS",
+    "SMOOTHING_METHODS",
+    "STANDARD_RADII",
+    "DemoResult",
+    "SmoothingParams",
+    "VerifyResult",
+    "certified_accuracy",
+    "certify_dataset",
+    "certify_run",
+    "run_demo",
+    "summarize",
+    "verify_records",
+    "verify_run",
+    "write_report",
+]
