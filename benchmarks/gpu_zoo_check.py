@@ -22,7 +22,7 @@ from torch import nn
 
 import stablenet.nn as snn
 from stablenet.nn import LAYER_ROUNDING_SLACK
-from stablenet.nn.graphs import capturable
+from stablenet.nn.cuda_graphs import capturable
 from stablenet.precision import ieee_float32
 
 C, H = 16, 8

@@ -19,7 +19,8 @@ import torch
 
 from stablenet.bench.spectral import RESNET18_CONVS, _kernel
 from stablenet.spectral.conv import _Conv, _embedding_size, _half_spectrum
-from stablenet.spectral.dense import _gram_max_many, gram_iteration
+from stablenet.spectral.dense import gram_iteration
+from stablenet.spectral.lockstep import _gram_max_many
 
 
 def timed(fn, device, repeats=7):

@@ -6,7 +6,7 @@ For each of the 20 Kaiming-normal ResNet-18 convolutions (their embedding spectr
 bound uses them), three counts of matrices squared per step, and their cost in matrix products (sum of the batch
 sizes times c^3, relative to the current iteration):
 
-* ``gram``: the current iteration (``stablenet.spectral.dense._gram_max_many``: lower estimates from the Gram
+* ``gram``: the current iteration (``stablenet.spectral.lockstep._gram_max_many``: lower estimates from the Gram
   iterate's column, pruning from step 4);
 * ``oracle``: the same Gram upper bounds, but pruned against the *exact* maximum (float64 eigenvalues) from the
   first step: no lower estimate can prune more;
@@ -28,7 +28,8 @@ import torch
 
 from stablenet.bench.spectral import RESNET18_CONVS, resnet18_kernels
 from stablenet.spectral.conv import _circular_matrices, _Conv, _embedding_size
-from stablenet.spectral.dense import _gram_max_many, gram_iteration
+from stablenet.spectral.dense import gram_iteration
+from stablenet.spectral.lockstep import _gram_max_many
 
 
 def _chebyshev_sizes(a: torch.Tensor, delta: float, power_steps: int, tol: float) -> tuple[list[int], float]:

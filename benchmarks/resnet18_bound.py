@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-import stablenet.spectral.dense as dense
+import stablenet.spectral.lockstep as lockstep
 from stablenet.atomic import atomic_write_text
 from stablenet.bench.spectral import cpu_peak_bytes, resnet18_bound_time, resnet18_kernels
 
@@ -28,19 +28,19 @@ from stablenet.bench.spectral import cpu_peak_bytes, resnet18_bound_time, resnet
 def checked_rounds(run) -> tuple[object, int]:
     """``(run(), rounds)``: the lockstep rounds that read checks back to the host (0 without the lockstep)."""
     finished = []
-    original = dense._gram_max_many
+    original = lockstep._gram_max_many
 
     def recording(*args, **kwargs):
         problems = original(*args, **kwargs)
         finished.extend(problems)
         return problems
 
-    dense._gram_max_many = recording
+    lockstep._gram_max_many = recording
     try:
         result = run()
     finally:
-        dense._gram_max_many = original
-    first = dense.FIRST_CHECK
+        lockstep._gram_max_many = original
+    first = lockstep.FIRST_CHECK
     rounds = set()
     for p in finished:
         start = getattr(p, "start", 0)  # 0 before the lockstep had a memory budget
@@ -115,7 +115,7 @@ def main() -> None:
             "torch": torch.__version__,
             "median_ms": medians,
             "speedup_vs_" + base: {m: medians[base] / medians[m] for m in methods},
-            "max_memory_bytes": budget.get("max_memory_bytes", getattr(dense, "LOCKSTEP_MEMORY_BYTES", None)),
+            "max_memory_bytes": budget.get("max_memory_bytes", getattr(lockstep, "LOCKSTEP_MEMORY_BYTES", None)),
             "memory": memory,
             "runs": runs,
         }

@@ -1,14 +1,19 @@
 """The CLI end to end on a tiny run, and its one-line errors with exit status 2."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stablenet.certify.records import RECORD_FIELDS
-from stablenet.cli import main
+from stablenet.cli import COMMANDS, main
+from stablenet.cli.command import add_command
+from stablenet.train.config import parse_override_args
 
 TINY = [
     "--dataset",
@@ -153,3 +158,38 @@ def test_bad_noise_options_one_line_exit_2(tmp_path, trained_digits_run, capsys,
     err = capsys.readouterr().err
     assert err.startswith("stablenet: error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("spelling", ["--data-root", "--data_root"])
+def test_train_takes_config_keys_with_dashes_or_underscores(tmp_path, spelling):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--epochs", "1", spelling, str(tmp_path / "data"), "--batch-size", "32"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data_root"] == str(tmp_path / "data") and saved["batch_size"] == 32 and saved["epochs"] == 1
+
+
+def test_config_override_keys_read_dashes_as_underscores():
+    overrides = parse_override_args(["--data-root", "d", "--loss_offset=0.5", "--model-args.inner-width", "32"])
+    assert overrides == {"data_root": "d", "loss_offset": 0.5, "model_args.inner_width": 32}
+
+
+def test_every_flag_is_spelled_with_dashes():
+    """One spelling of every flag: ``--data-root`` everywhere (config field ``data_root``)."""
+    for name, command in COMMANDS.items():
+        flags = re.findall(r"--[\w-]+", add_command(argparse.ArgumentParser().add_subparsers(), command).format_usage())
+        assert flags and all("_" not in flag for flag in flags), (name, flags)
+        if name in ("certify", "verify", "hessian", "landscape", "lipschitz"):
+            assert "--data-root" in flags
+
+
+def test_a_command_runs_from_its_config_as_from_its_flags(tmp_path, capsys):
+    """The config dataclass is the command: its fields are the flags, with the same defaults."""
+    from stablenet.cli.certify import LipschitzArgs, lipschitz_command
+
+    path = tmp_path / "a.json"
+    assert lipschitz_command(LipschitzArgs(model="sll_mlp", input_size=6, num_inputs=4, json=str(path))) == 0
+    from_config = capsys.readouterr().out
+    args = ["lipschitz", "--model", "sll_mlp", "--input-size", "6", "--num-inputs", "4", "--json", str(path)]
+    assert main(args) == 0
+    assert capsys.readouterr().out == from_config

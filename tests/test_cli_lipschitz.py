@@ -51,7 +51,7 @@ def test_trained_run_uses_its_test_images(trained_digits_run, tmp_path, capsys):
     [
         (["--model", "resnet9000"], "unknown model 'resnet9000'; available: aol_l"),
         (["--run", "nowhere"], "no checkpoint at nowhere"),
-        (["--model", "sll_mlp", "--input-size", "4", "--num-inputs", "0"], "--num-inputs must be >= 1; got 0"),
+        (["--model", "sll_mlp", "--input-size", "4", "--num-inputs", "0"], "num_inputs must be >= 1; got 0"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_2(args, message, capsys):

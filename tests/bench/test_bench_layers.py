@@ -82,10 +82,11 @@ def test_errors():
         bench_layers(config=LayersBenchConfig(batch_size=2, image_size=8, families=(), model="aol_xs"))
 
 
-def test_missing_family_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(layers._CLASSES, "sll", ("stablenet.nn.sll", "NoSuchLayer"))
-    with pytest.raises(ImportError, match=r"layer family 'sll' needs stablenet\.nn\.sll\.NoSuchLayer"):
-        bench_layers(config=tiny_config())
+def test_rows_take_the_layers_of_the_registered_families():
+    from stablenet.nn import CayleyConv2d, OrthogonalLinear, SLLConv2d
+
+    assert layers._layer_class("sll") is SLLConv2d and layers._layer_class("cayley") is CayleyConv2d
+    assert layers._layer_class("orthogonal") is OrthogonalLinear
 
 
 def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
@@ -100,13 +101,19 @@ def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
 
 def test_cli_rejects_bad_repeats(capsys):
     assert main(["bench", "layers", "--quick", "--repeats", "0"]) != 0
-    assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert "repeats must be >= 1; got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("suite,size", [("layers", "0"), ("spectral", "4")])
-def test_cli_rejects_bad_batch_size(capsys, suite, size):
+@pytest.mark.parametrize(
+    "suite,size,message",
+    [
+        ("layers", "0", "batch_size must be >= 1; got 0"),
+        ("spectral", "4", "batch_size applies to the layers suite only; got it with 'spectral'"),
+    ],
+)
+def test_cli_rejects_bad_batch_size(capsys, suite, size, message):
     assert main(["bench", suite, "--quick", "--batch-size", size]) == 2
-    assert "--batch-size must be >= 1 and applies to the layers suite only" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_batch_size_override_reaches_the_rows(monkeypatch):
@@ -125,7 +132,7 @@ def test_families_select_rows():
 
 def test_cli_families(capsys):
     assert main(["bench", "smoothing", "--quick", "--families", "sll"]) == 2
-    assert "--families applies to the layers suite only" in capsys.readouterr().err
+    assert "families applies to the layers suite only" in capsys.readouterr().err
     assert main(["bench", "layers", "--quick", "--families", "bogus"]) == 2
     assert "families must be among" in capsys.readouterr().err
 
@@ -156,8 +163,8 @@ def test_bound_method_reaches_the_layers_and_rows(monkeypatch):
 
 def test_cli_bound_method(capsys):
     assert main(["bench", "spectral", "--quick", "--bound-method", "gram"]) == 2
-    assert "--bound-method applies to the layers suite only" in capsys.readouterr().err
+    assert "bound_method applies to the layers suite only" in capsys.readouterr().err
     assert main(["bench", "layers", "--quick", "--families", "cpl", "--bound-method", "bogus"]) == 2
     assert "bound_method must be one of" in capsys.readouterr().err
     assert main(["bench", "curvature", "--quick", "--spectral-n-iter", "6"]) == 2
-    assert "--spectral-n-iter applies to the layers suite only" in capsys.readouterr().err
+    assert "spectral_n_iter applies to the layers suite only" in capsys.readouterr().err

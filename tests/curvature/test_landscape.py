@@ -420,10 +420,10 @@ def test_cli_landscape_1d(tiny_run, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--dims", "3"], "--dims must be 1 or 2; got 3"),
-        (["--resolution", "1"], "--resolution must be >= 2; got 1"),
-        (["--span", "0"], "--span must be > 0"),
-        (["--num-examples", "0"], "--num-examples must be >= 1; got 0"),
+        (["--dims", "3"], "dims must be 1 or 2; got 3"),
+        (["--resolution", "1"], "resolution must be >= 2; got 1"),
+        (["--span", "0"], "span must be > 0"),
+        (["--num-examples", "0"], "num_examples must be >= 1; got 0"),
     ],
 )
 def test_cli_landscape_bad_input_exits_2_with_one_line(tiny_run, tmp_path, capsys, args, message):
@@ -473,8 +473,8 @@ def test_cli_hessian_bad_input_exits_2(tiny_run, tmp_path, capsys):
     pytest.importorskip("stablenet.curvature.hessian")
     base = ["hessian", "--run", str(tiny_run), "--json", str(tmp_path / "h.json")]
     cases = [
-        (["--top-k", "0"], "--top-k must be >= 1; got 0"),
-        (["--start", "ones"], "--start must be one of gradient, random; got 'ones'"),
+        (["--top-k", "0"], "top_k must be >= 1; got 0"),
+        (["--start", "ones"], "start must be one of gradient, random; got 'ones'"),
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2

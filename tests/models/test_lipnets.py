@@ -11,7 +11,7 @@ from stablenet.models.lipnets import DENSE_INNER, FAMILIES, SIZES, SLL_CONV_INNE
 from stablenet.nn import LinearNormalized
 from stablenet.nn.base import LAYER_ROUNDING_SLACK
 from stablenet.nn.pooling import L2NormPool2d, LipAvgPool2d
-from stablenet.nn.residual import LipResidual
+from stablenet.nn.skip import LipResidual
 from stablenet.spectral import layer_lipschitz_bounds, lipschitz_upper_bound
 
 NAMES = [f"{family}_{size}" for family in FAMILIES for size in SIZES] + ["lipconvnet"]
@@ -153,7 +153,7 @@ def test_zero_dense_layers_and_head_width():
 def test_export_model_is_plain_and_equal(name, options):
     from stablenet.nn import export_model
     from stablenet.nn.constrained import ConstrainedConv2d, ConstrainedLinear
-    from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
+    from stablenet.nn.relu_residual import _ResidualConv2d, _ResidualLinear
 
     torch.manual_seed(0)
     net = create_model(name, num_classes=10, in_channels=3, input_size=(16, 16), **options).eval()
@@ -163,3 +163,72 @@ def test_export_model_is_plain_and_equal(name, options):
     assert not any(isinstance(m, constrained) for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def _trunk(layers: list, features: int, head_in: int) -> nn.Sequential:
+    """``InputNormalization, ChannelPad(3 -> 6), *layers`` with the pooling at 16x16 inputs, as the builders do."""
+    return nn.Sequential(*layers[0], LipAvgPool2d(4), nn.Flatten(), *layers[1], LinearNormalized(head_in, 10))
+
+
+def _reference(name: str) -> nn.Sequential:
+    """The model of ``create_model(name, 10, 3, 16, **small_options(name))`` written out layer by layer, in the
+    order the builders construct them before the layer-family registry (same parameters for the same seed)."""
+    from stablenet.nn import (
+        AOLConv2d,
+        AOLLinear,
+        CayleyConv2d,
+        ChannelPad,
+        CPLConv2d,
+        CPLLinear,
+        InputNormalization,
+        MaxMin,
+        OrthogonalLinear,
+        SLLConv2d,
+        SLLLinear,
+        SRConv2d,
+        SRLinear,
+    )
+
+    stem = [InputNormalization((0.0,) * 3, (1.0,) * 3, input_size=(16, 16)), ChannelPad(3, 6)]
+    features = 6 * 4 * 4
+    if name in ("sll_xs", "cpl_xs"):
+        conv_kw = {"input_size": (16, 16)} if name == "cpl_xs" else {}
+        conv, dense = (SLLConv2d, SLLLinear) if name == "sll_xs" else (CPLConv2d, CPLLinear)
+        convs = [conv(6, 4, 3, **conv_kw) for _ in range(2)]
+        return _trunk([stem + convs, [dense(features, 12) for _ in range(2)]], features, features)
+    conv, dense, padding = {
+        "aol_xs": (AOLConv2d, AOLLinear, {"padding": 1}),
+        "sr_xs": (SRConv2d, SRLinear, {"padding": 1}),
+        "cayley_xs": (CayleyConv2d, OrthogonalLinear, {}),
+    }[name]
+    convs = [LipResidual(nn.Sequential(conv(6, 6, 3, **padding), MaxMin())) for _ in range(2)]
+    first = nn.Sequential(dense(features, 12), MaxMin())
+    return _trunk([stem + convs, [first, LipResidual(nn.Sequential(dense(12, 12), MaxMin()))]], features, 12)
+
+
+@pytest.mark.parametrize("name", [f"{family}_xs" for family in FAMILIES])
+def test_models_by_name_are_the_written_out_architectures(name):
+    """The registry of layer families builds the same modules, in the same order, as the explicit architecture:
+    equal state dicts (names, shapes and initial values) for the same seed."""
+    torch.manual_seed(3)
+    model = create_model(name, 10, 3, 16, **small_options(name))
+    torch.manual_seed(3)
+    reference = _reference(name)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+
+
+def test_lipnet_takes_a_users_layer_family(monkeypatch):
+    from stablenet.nn import AOLConv2d, AOLLinear, families
+
+    monkeypatch.setattr(families, "_FAMILIES", dict(families._FAMILIES))
+    mine = families.register_layer_family("my_aol", conv=AOLConv2d, dense=AOLLinear)
+    options = {"mean": (0.0,) * 3, "std": (1.0,) * 3, "n_conv": 2, "n_dense": 2, "width": 6, "dense_width": 12}
+    built = []
+    for family in ("my_aol", mine, "aol"):
+        torch.manual_seed(4)
+        built.append(lipnet(family, 10, 3, (16, 16), **options).state_dict())
+    for state in built[:2]:
+        assert list(state) == list(built[2]) and all(torch.equal(state[k], built[2][k]) for k in state)

@@ -49,7 +49,7 @@ def train_steps(module: nn.Module, input_shape: Sequence[int], steps: int = 3, l
 
 def is_plain_torch(module: nn.Module) -> bool:
     """Every submodule is a ``torch.nn`` class, or a stablenet container whose children are (``Residual``)."""
-    allowed_containers = ("stablenet.nn.residual",)
+    allowed_containers = ("stablenet.nn.skip",)
     for sub in module.modules():
         mod = type(sub).__module__
         if not (mod.startswith("torch.nn") or mod in allowed_containers):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from stablenet.nn.base import LAYER_ROUNDING_SLACK
-from stablenet.nn.residual import Residual
-from stablenet.nn.residual_layers import _conv_same
+from stablenet.nn.relu_residual import _conv_same
+from stablenet.nn.skip import Residual
 
 #: ``(features, inner_features)``
 DENSE = [(1, 1), (1, 5), (5, 1), (6, 6), (4, 9), (9, 4)]

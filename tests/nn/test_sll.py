@@ -15,7 +15,7 @@ from residual_cases import (
 )
 from torch import nn
 
-from stablenet.nn.residual_layers import _conv_same, _conv_same_adjoint
+from stablenet.nn.relu_residual import _conv_same, _conv_same_adjoint
 from stablenet.nn.sll import SLLConv2d, SLLLinear, sll_rescaling
 from stablenet.spectral.conv import conv_operator_matrix
 

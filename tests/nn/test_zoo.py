@@ -64,7 +64,7 @@ def test_torch_compile_matches_eager(name):
     compiled = torch.compile(layer, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
     params = [p for p in layer.parameters() if p.requires_grad]
-    if params:  # the hand-written backward passes (stablenet.nn.fused) under compile too
+    if params:  # the hand-written backward passes (stablenet.nn.fused_rescaling) under compile too
         compiled_grads = torch.autograd.grad(compiled(x).square().sum(), params)
         for g, ref in zip(compiled_grads, torch.autograd.grad(layer(x).square().sum(), params), strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)

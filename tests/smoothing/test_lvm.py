@@ -1,4 +1,6 @@
-"""LVM-RS: sparsemax, the bounds and radii, selection/estimation separation, and statistical soundness."""
+"""LVM-RS, the certifier: simplex values, selection/estimation separation, statistical soundness, grid noise.
+
+The bounds and radii are tested in test_lvm_radii.py, sparsemax in test_simplex.py."""
 
 from __future__ import annotations
 
@@ -11,47 +13,11 @@ from scipy import stats
 from torch import nn
 
 import stablenet.smoothing.lvm as lvm
+import stablenet.smoothing.lvm_radii as lvm_radii
 from stablenet.certify.records import ABSTAIN
-from stablenet.smoothing.lvm import LVMSmooth, lvm_bounds, lvm_radius, margin_radius, sparsemax
+from stablenet.smoothing.lvm import LVMSmooth
+from stablenet.smoothing.lvm_radii import lvm_radius
 from stablenet.smoothing.stats import empirical_bernstein_lower, empirical_bernstein_upper
-
-# ----------------------------------------------------------------------------------------------- sparsemax
-
-
-def _projection_reference(z: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto the simplex by bisection on tau in sum(max(z - tau, 0)) = 1 (no sorting)."""
-    lo, hi = z.max() - 1.0, z.max()
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if np.maximum(z - mid, 0.0).sum() > 1.0:
-            lo = mid
-        else:
-            hi = mid
-    return np.maximum(z - 0.5 * (lo + hi), 0.0)
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 7, 30])
-def test_sparsemax_is_the_euclidean_projection_onto_the_simplex(k):
-    gen = torch.Generator().manual_seed(k)
-    for scale in (0.1, 1.0, 10.0):
-        z = scale * torch.randn(50, k, generator=gen, dtype=torch.float64)
-        p = sparsemax(z)
-        assert torch.all(p >= 0)
-        torch.testing.assert_close(p.sum(-1), torch.ones(50, dtype=torch.float64), rtol=0, atol=1e-12)
-        ref = np.stack([_projection_reference(row) for row in z.numpy()])
-        np.testing.assert_allclose(p.numpy(), ref, atol=1e-10)
-
-
-def test_sparsemax_ties_batching_dim_and_two_class_closed_form():
-    z = torch.tensor([[1.0, 1.0, 0.2, 1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    np.testing.assert_allclose(sparsemax(z).numpy(), [[1 / 3, 1 / 3, 0, 1 / 3], [0.25] * 4], atol=1e-15)
-    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    torch.testing.assert_close(sparsemax(x, dim=1), sparsemax(x.transpose(1, 2)).transpose(1, 2))
-    torch.testing.assert_close(sparsemax(x + 3.7), sparsemax(x))  # translation invariance
-    # Two classes: sparsemax(a, b)_0 = clip((1 + a - b) / 2, 0, 1).
-    a = torch.linspace(-2, 2, 41, dtype=torch.float64)
-    two = sparsemax(torch.stack([a, torch.zeros_like(a)], dim=1))[:, 0]
-    torch.testing.assert_close(two, ((1 + a) / 2).clamp(0, 1))
 
 
 @pytest.mark.parametrize("name", ["softmax", "sparsemax"])
@@ -78,49 +44,6 @@ def test_callable_map_is_accepted_and_clamped_to_the_unit_interval():
     torch.testing.assert_close(values[:, 0], (loud(logits.double()).clamp(0, 1)))
     torch.testing.assert_close(values[:, 3], torch.softmax(2 * logits.double(), -1))
     assert values.min() >= 0 and values.max() <= 1 and values[0, 0, 0] == 1
-
-
-# ------------------------------------------------------------------------------------------ bounds and radii
-
-
-def test_bounds_use_the_documented_bonferroni_split():
-    rng = np.random.default_rng(0)
-    k, n, alpha = 5, 1000, 0.01
-    mean = rng.dirichlet(np.ones(k), size=20)
-    var = rng.uniform(0, 0.25, size=(20, k))
-    top = mean.argmax(-1)
-    p_lower, p_upper = lvm_bounds(mean, var, n, alpha, top)
-    rows = np.arange(20)
-    lower_ref = empirical_bernstein_lower(mean, var, n, alpha / 2)[rows, top]
-    upper_all = empirical_bernstein_upper(mean, var, n, alpha / (2 * (k - 1)))
-    upper_all[rows, top] = -np.inf
-    upper_ref = upper_all.max(-1)
-    # Sound side of the reference (summation slack), and no looser than a hair.
-    assert np.all(p_lower <= lower_ref) and np.all(p_upper >= upper_ref)
-    np.testing.assert_allclose(p_lower, lower_ref, atol=1e-9)
-    np.testing.assert_allclose(p_upper, upper_ref, atol=1e-9)
-
-
-def test_radius_is_rounded_down_and_cohen_form_dominates_margin_form():
-    pa = np.linspace(0.3, 0.999, 60)[:, None]
-    pb = np.linspace(0.001, 0.6, 50)[None, :]
-    sigma = 0.37
-    radius = lvm_radius(pa, pb, sigma)
-    cohen = 0.5 * sigma * (stats.norm.ppf(pa) - stats.norm.ppf(pb))
-    margin = sigma * math.sqrt(math.pi / 2) * (pa - pb)
-    positive = pa > pb
-    assert np.all(radius[~positive] == 0) and np.all(radius[positive] > 0)
-    assert np.all(radius[positive] < cohen[np.broadcast_to(positive, cohen.shape)])  # strictly: rounded down
-    np.testing.assert_allclose(radius[positive], cohen[np.broadcast_to(positive, cohen.shape)], rtol=1e-9)
-    assert np.all(margin_radius(pa, pb, sigma) <= radius)
-    assert np.all(margin[np.broadcast_to(positive, margin.shape)] <= cohen[np.broadcast_to(positive, cohen.shape)])
-
-
-def test_margin_form_takes_over_where_the_normal_quantile_is_infinite():
-    radius = lvm_radius(np.array([1.0, 0.7]), np.array([0.2, 0.0]), sigma=1.0)
-    expected = math.sqrt(math.pi / 2) * np.array([0.8, 0.7])
-    assert np.all(np.isfinite(radius)) and np.all(radius < expected)
-    np.testing.assert_allclose(radius, expected, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------- certification
@@ -284,8 +207,8 @@ def test_false_certification_rate_below_alpha_on_a_hyperplane_with_known_radius(
 
 def test_soundness_check_catches_plug_in_bounds(monkeypatch):
     """The same check fails when the bounds are replaced by the sample means: it can detect unsoundness."""
-    monkeypatch.setattr(lvm, "empirical_bernstein_lower", lambda mean, var, n, alpha: mean)
-    monkeypatch.setattr(lvm, "empirical_bernstein_upper", lambda mean, var, n, alpha: mean)
+    monkeypatch.setattr(lvm_radii, "empirical_bernstein_lower", lambda mean, var, n, alpha: mean)
+    monkeypatch.setattr(lvm_radii, "empirical_bernstein_upper", lambda mean, var, n, alpha: mean)
     model, x, true_class, true_radius = _hyperplane_problem()
     pred, radius = LVMSmooth(model, 2, sigma=_SIGMA).certify(x, 64, 300, _ALPHA, 8192, generator=0)
     wrong, _ = _wrong_certificates(pred, radius, true_class, true_radius)
@@ -409,3 +332,12 @@ def test_grid_noise_certifies_the_grid_classifier_and_refuses_off_grid_inputs():
     with pytest.raises(ValueError, match="levels must be an int >= 1"):
         LVMSmooth(_OnGrid(), 2, sigma=0.5, noise="grid", levels=0)
     assert LVMSmooth(_OnGrid(), 2, sigma=0.5).grid is None
+
+
+def test_the_math_and_the_maps_keep_their_old_import_path():
+    import stablenet.smoothing.lvm_radii as lvm_radii
+    import stablenet.smoothing.simplex as simplex
+
+    for module in (lvm_radii, simplex):
+        assert all(getattr(lvm, name) is getattr(module, name) for name in module.__all__)
+        assert set(module.__all__) <= set(lvm.__all__)

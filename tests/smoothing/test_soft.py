@@ -206,7 +206,7 @@ def test_grid_noise_predicts_the_grid_classifier_with_widened_bounds(monkeypatch
     monkeypatch.setattr(soft, "soft_vote_decision", lambda *a, **k: seen.append(k["tv"]) or decide(*a, **k))
     soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400, noise="grid", levels=16)
     soft_predict(_OnGrid(), x, 0.5, 200, 0.01, 400)
-    from stablenet.smoothing.sampling import GridNoise
+    from stablenet.smoothing.grid_noise import GridNoise
 
     assert seen == [GridNoise(0.5, 16).tv_bound(1), 0.0] and seen[0] > 0
     with pytest.raises(ValueError, match="noise='grid' needs inputs on the grid k / 16") as excinfo:

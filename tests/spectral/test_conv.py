@@ -265,8 +265,8 @@ def test_circular_norm_bound_cholesky_value_and_gradient(shape, size):
 
 
 def test_circular_norm_bound_against_the_explicit_operator_and_methods():
+    from stablenet.spectral.cholesky_bound import cholesky_circular_bound
     from stablenet.spectral.conv import circular_gram_bound, circular_norm_bound
-    from stablenet.spectral.verified import cholesky_circular_bound
 
     torch.manual_seed(5)
     kernel = torch.randn(5, 4, 3, 3, dtype=torch.float64)
@@ -314,7 +314,7 @@ def test_lockstep_bound_from_the_gram_kernel(shape, size):
     import math
 
     from stablenet.spectral.conv import GRAM_MAX_ITER, GRAM_TOL, _circular_exact, _GramSource, circular_gram_bound
-    from stablenet.spectral.dense import gram_iteration_max_many
+    from stablenet.spectral.lockstep import gram_iteration_max_many
 
     torch.manual_seed(sum(shape) + size[1])
     kernel = torch.randn(*shape, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Certification runs: smoothing methods through the runner, and sharding under torchrun."""
+"""Certification runs: smoothing methods through the runner, sharding under torchrun, and the certifier registry."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from stablenet.certify.records import read_metadata, read_records
 from stablenet.workflows.certification import SmoothingParams, certify_run
@@ -175,3 +176,135 @@ def test_torchrun_sharding_merges_to_the_single_process_result(tmp_path, trained
     assert strip(read_records(sharded)) == strip(read_records(single))
     assert not list(tmp_path.glob("sharded.jsonl.rank*")), "shard files left behind"
     assert json.loads(Path(str(sharded) + ".meta.json").read_text())["method"] == "lipschitz"
+
+
+# ----------------------------------------------------------------------------------------- certifier registry
+@pytest.fixture
+def registry(monkeypatch):
+    """The certifier registry, restored after the test."""
+    from stablenet.workflows import certifiers
+
+    monkeypatch.setattr(certifiers, "_CERTIFIERS", dict(certifiers._CERTIFIERS))
+    return certifiers
+
+
+def _digits(run, count):
+    from stablenet.data import load_dataset
+
+    images, labels = load_dataset("digits", "test")
+    return run.model, images[:count], labels[:count]
+
+
+def test_builtin_certifiers_are_registered_in_order():
+    from stablenet.workflows.certification import CERTIFY_METHODS, SMOOTHING_METHODS, list_certifiers
+
+    assert CERTIFY_METHODS == ("lipschitz", "smoothing", "lvm-rs", "cpm")
+    assert SMOOTHING_METHODS == ("smoothing", "lvm-rs", "cpm")
+    assert list_certifiers()[:4] == CERTIFY_METHODS and list_certifiers(randomized=False)[0] == "lipschitz"
+
+
+def test_a_registered_certifier_runs_by_name(tmp_path, trained_digits_run, registry):
+    from stablenet.workflows.certification import certify_dataset
+
+    built = []
+
+    def zero_radius(model, settings):  # a factory returning a ready certifier x -> (prediction, radius)
+        built.append(settings)
+        return lambda x: (model(x).argmax(1), torch.zeros(len(x), dtype=torch.float64))
+
+    registry.register_certifier("zero-radius", zero_radius)
+    registry.register_certifier("zero-radius", zero_radius)  # the same factory again: a no-op
+    assert "zero-radius" in registry.list_certifiers(randomized=False)
+    model, images, labels = _digits(trained_digits_run, 5)
+    out = certify_dataset(
+        model, images, labels, tmp_path / "z.jsonl", method="zero-radius", batch_size=2, progress=False
+    )
+    records = read_records(out)
+    assert [r.index for r in records] == list(range(5)) and {r.method for r in records} == {"zero-radius"}
+    assert all(r.radius == 0.0 and r.simplex_map is None for r in records)
+    assert read_metadata(out)["method"] == "zero-radius"
+    assert built[0].input_shape == tuple(images.shape[1:]) and built[0].batch_size == 2
+    with pytest.raises(ValueError, match="certifier name 'zero-radius' is already registered"):
+        registry.register_certifier("zero-radius", lambda model, settings: zero_radius(model, settings))
+
+
+def test_a_certifier_callable_is_accepted_where_a_name_is(tmp_path, trained_digits_run):
+    from stablenet.certify.lipschitz import LipschitzCertifier
+    from stablenet.workflows.certification import certify_dataset
+
+    model, images, labels = _digits(trained_digits_run, 6)
+    by_name = read_records(certify_dataset(model, images, labels, tmp_path / "a.jsonl", progress=False))
+    ready = LipschitzCertifier(model, input_shape=tuple(images.shape[1:]))
+    out = certify_dataset(model, images, labels, tmp_path / "b.jsonl", method=ready, progress=False)
+    as_callable = read_records(out)
+    assert [(r.prediction, r.radius) for r in as_callable] == [(r.prediction, r.radius) for r in by_name]
+    assert {r.method for r in as_callable} == {"LipschitzCertifier"}  # the callable's (type's) name
+    named = certify_dataset(
+        model, images, labels, tmp_path / "c.jsonl", method=ready, method_name="mine", progress=False
+    )
+    assert {r.method for r in read_records(named)} == {"mine"} and read_metadata(named)["method"] == "mine"
+
+    def bad(x):
+        return torch.zeros(len(x) + 1, dtype=torch.long), torch.zeros(len(x))
+
+    with pytest.raises(ValueError, match=r"certifier 'bad' must return \(prediction, radius\) of shape \(6,\) each"):
+        certify_dataset(model, images, labels, tmp_path / "d.jsonl", method=bad, progress=False)
+
+
+def test_a_registered_randomized_certifier_gets_the_monte_carlo_settings(tmp_path, trained_digits_run, registry):
+    from stablenet.workflows.certification import certify_dataset
+
+    seen = []
+
+    @registry.register_certifier("seeded", randomized=True)
+    def seeded(model, settings):
+        def certify(x, first_index):
+            seen.append(first_index)
+            return model(x).argmax(1), torch.full((len(x),), 0.5, dtype=torch.float64), [("softmax", 1.0)] * len(x)
+
+        return registry.Certifier(certify, chunk=3, metadata={"sigma": settings.smoothing.sigma})
+
+    assert registry.is_randomized("seeded") and "seeded" in registry.list_certifiers(randomized=True)
+    model, images, labels = _digits(trained_digits_run, 7)
+    params = SmoothingParams(sigma=0.25, n0=10, n=100)
+    out = certify_dataset(
+        model, images, labels, tmp_path / "s.jsonl", method="seeded", smoothing=params, progress=False
+    )
+    assert seen == [0, 3, 6]  # chunks of 3, each called with the index of its first example
+    assert {(r.method, r.simplex_map, r.inverse_temperature) for r in read_records(out)} == {("seeded", "softmax", 1.0)}
+    assert read_metadata(out)["sigma"] == 0.25
+    with pytest.raises(ValueError, match="method 'seeded' needs smoothing parameters"):
+        certify_dataset(model, images, labels, tmp_path / "t.jsonl", method="seeded", progress=False)
+
+
+def test_certifier_builds_the_builtins_by_name(trained_digits_run):
+    from stablenet.workflows.certification import certifier
+
+    model, images, _ = _digits(trained_digits_run, 4)
+    lipschitz = certifier("lipschitz", model, input_shape=tuple(images.shape[1:]))
+    pred, radius, choices = lipschitz.certify(images, 0)
+    assert pred.shape == radius.shape == (4,) and choices == [(None, None)] * 4
+    assert lipschitz.metadata["arithmetic"] == "float64" and lipschitz.chunk == 256
+    params = SmoothingParams(sigma=0.25, n0=10, n=100)
+    with pytest.raises(ValueError, match="method 'cpm' needs num_classes"):
+        certifier("cpm", model, input_shape=tuple(images.shape[1:]), smoothing=params)
+    cohen = certifier("smoothing", model, input_shape=tuple(images.shape[1:]), smoothing=params, num_classes=10)
+    assert cohen.chunk == 25 and cohen.metadata["n0"] == 10 and cohen.metadata["noise"] == "float"
+
+
+def test_an_unknown_certifier_is_a_one_line_error_naming_the_accepted_ones(tmp_path, trained_digits_run):
+    from stablenet.workflows.certification import certifier, certify_dataset
+
+    model, images, labels = _digits(trained_digits_run, 2)
+    for call in (
+        lambda: certify_dataset(model, images, labels, tmp_path / "x.jsonl", method="ibp", progress=False),
+        lambda: certifier("ibp", model, input_shape=(1, 8, 8)),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith("method must be one of lipschitz, smoothing, lvm-rs, cpm") and "\n" not in message
+        assert message.endswith("or a callable x -> (prediction, radius); got 'ibp'")
+    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(ValueError, match=r"certifier settings must be among input_shape, .*; got input_size"):
+        certifier("lipschitz", model, input_size=(1, 8, 8))

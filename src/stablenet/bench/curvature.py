@@ -51,7 +51,7 @@ from stablenet.curvature.hessian import Hessian
 from stablenet.curvature.landscape import landscape_2d
 from stablenet.models import create_model
 
-__all__ = ["DATA_SOURCES", "CurvatureSizes", "bench_curvature", "default_sizes"]
+__all__ = ["DATA_SOURCES", "HEADER", "CurvatureSizes", "bench_curvature", "default_sizes", "format_row"]
 
 _HVP_TARGET = 2.5
 _LANDSCAPE_TARGET_S = 120.0
@@ -169,6 +169,20 @@ def _train_briefly(model: torch.nn.Module, seed: int, device: torch.device) -> N
         functional.cross_entropy(model(images[index].to(device)), labels[index].to(device)).backward()
         optimizer.step()
     model.eval()
+
+
+#: Column titles matching :func:`format_row`.
+HEADER = f"{'benchmark':16s} {'method':20s} {'model':7s} {'value':>12s} {'time_ms':>11s} {'ratio/grad-eq':>14s}"
+
+
+def format_row(row: dict) -> str:
+    """One row as a table line under :data:`HEADER`; its method or backend, with its eigensolver start if any."""
+    label = row.get("method") or row.get("backend") or "-"
+    label = f"{label}/{row['start']}" if "start" in row else label
+    return (
+        f"{row['benchmark']:16s} {label:20s} {row['model']:7s} "
+        f"{row['value']:12.6g} {row['time_ms']:11.2f} {row['ratio_or_gradient_equivalents']:14.3f}"
+    )
 
 
 def bench_curvature(

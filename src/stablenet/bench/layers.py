@@ -10,7 +10,7 @@ model (``sll_s``), three measurements, each next to the same measurement of a *p
   weights (Note [eval cache] in ``stablenet.nn.base``);
 * ``train_bf16`` (model only, CUDA only): the training step under ``torch.autocast(dtype=torch.bfloat16)`` at
   batch 512, with ``images_per_s``;
-* ``train_graphs`` (layers with a capturable weight map, ``stablenet.nn.graphs.capturable``; CUDA only) and
+* ``train_graphs`` (layers with a capturable weight map, ``stablenet.nn.cuda_graphs.capturable``; CUDA only) and
   ``train_bf16_graphs`` (model, CUDA only):
   the same steps with the weight maps recorded as CUDA graphs (``stablenet.nn.capture_weight_maps``, Note
   [captured weight maps]); ``captured_layers`` counts the layers recorded.
@@ -34,7 +34,6 @@ plus ``plain_time_ms``, ``plain_peak_mem_mb``, ``mem_ratio_to_plain``, ``width``
 
 from __future__ import annotations
 
-import importlib
 import math
 import statistics
 import time
@@ -46,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenet.nn.graphs import capturable, capture_weight_maps
+from stablenet.nn.cuda_graphs import capturable, capture_weight_maps
+from stablenet.nn.families import layer_family
 from stablenet.spectral.conv import CIRCULAR_BOUND_METHODS
 
 __all__ = [
@@ -65,15 +65,9 @@ __all__ = [
 LAYER_FAMILIES = ("sll", "cpl", "aol", "sr", "spectral", "cayley", "orthogonal")
 
 
-_CLASSES = {
-    "sll": ("stablenet.nn.sll", "SLLConv2d"),
-    "cpl": ("stablenet.nn.cpl", "CPLConv2d"),
-    "aol": ("stablenet.nn.aol", "AOLConv2d"),
-    "sr": ("stablenet.nn.sr", "SRConv2d"),
-    "spectral": ("stablenet.nn.spectral_norm", "SpectralConv2d"),
-    "cayley": ("stablenet.nn.cayley_conv", "CayleyConv2d"),
-    "orthogonal": ("stablenet.nn.orthogonal", "OrthogonalLinear"),
-}
+#: The row of each benchmark family: a layer family's convolution (``stablenet.nn.families``), or its dense layer.
+_ROWS = {family: (family, "conv") for family in LAYER_FAMILIES}
+_ROWS["orthogonal"] = ("cayley", "dense")
 
 
 @dataclass(frozen=True)
@@ -182,13 +176,10 @@ def plain_sll_network(
 
 
 def _layer_class(family: str) -> type[nn.Module]:
-    if family not in _CLASSES:
+    if family not in _ROWS:
         raise ValueError(f"family must be one of {', '.join(LAYER_FAMILIES)}; got {family!r}")
-    module_name, class_name = _CLASSES[family]
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
-        raise ImportError(f"layer family {family!r} needs {module_name}.{class_name}, which is missing: {e}") from e
+    name, role = _ROWS[family]
+    return getattr(layer_family(name), role)
 
 
 def _layer_pair(

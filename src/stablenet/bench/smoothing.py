@@ -37,7 +37,16 @@ from torch import nn
 
 from stablenet.smoothing.sampling import batch_plan, chunk_plan, class_counts, make_generator
 
-__all__ = ["SmoothingCase", "bench_smoothing", "cifar_cnn", "default_cases", "mnist_mlp", "resnet110"]
+__all__ = [
+    "HEADER",
+    "SmoothingCase",
+    "bench_smoothing",
+    "cifar_cnn",
+    "default_cases",
+    "format_row",
+    "mnist_mlp",
+    "resnet110",
+]
 
 
 def cifar_cnn(num_classes: int = 10, width: int = 32) -> nn.Sequential:
@@ -181,6 +190,18 @@ def _run_case(case: SmoothingCase, device: torch.device, repeats: int, seed: int
         "noise_bound": t_plain / (t_plain + t_noise),
         "repeats": repeats,
     }
+
+
+#: Column titles matching :func:`format_row`.
+HEADER = f"{'model':12s} {'n':>8s} {'batch':>6s} {'samples/s':>12s} {'plain/s':>12s} {'ratio':>7s} {'noise bound':>11s}"
+
+
+def format_row(row: dict) -> str:
+    """One row as a table line under :data:`HEADER`."""
+    return (
+        f"{row['model']:12s} {row['n']:8d} {row['batch_size']:6d} {row['samples_per_s']:12.4g} "
+        f"{row['plain_samples_per_s']:12.4g} {row['ratio']:7.3f} {row['noise_bound']:11.3f}"
+    )
 
 
 def bench_smoothing(

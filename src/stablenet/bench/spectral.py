@@ -25,11 +25,13 @@ from stablenet.bench.baselines import araujo_bound, reshaped_kernel_norm, singla
 from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound, conv_spectral_norm_upper_bounds
 
 __all__ = [
+    "HEADER",
     "METHOD_NAMES",
     "RESNET18_CONVS",
     "ConvShape",
     "bench_spectral",
     "cpu_peak_bytes",
+    "format_row",
     "resnet18_bound_time",
     "resnet18_kernels",
     "write_rows",
@@ -253,7 +255,17 @@ def resnet18_bound_time(
     return out
 
 
+#: Column titles matching :func:`format_row`.
+HEADER = f"{'layer':44s} {'method':32s} {'ratio':>9s} {'time_ms':>10s}"
+
+
+def format_row(row: dict) -> str:
+    """One row as a table line under :data:`HEADER`."""
+    return f"{row['layer']:44s} {row['method']:32s} {row['ratio']:9.5f} {row['time_ms']:10.2f}"
+
+
 def write_rows(rows: list[dict], path: str) -> None:
+    """The rows of any suite as a JSON Lines file, written atomically."""
     from stablenet.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

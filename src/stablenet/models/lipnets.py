@@ -12,7 +12,8 @@ own extra-small XS (10, 5, 32) for quick experiments. The official code uses 5 i
 convolution and 2048 inner features for every dense SLL layer, for all sizes (options ``conv_inner``,
 ``dense_inner`` change them).
 
-**The other families** (``cpl_*``, ``aol_*``, ``sr_*``, ``cayley_*``) keep the trunk and swap the layers:
+**The other families** (``cpl_*``, ``aol_*``, ``sr_*``, ``cayley_*``) keep the trunk and swap the layers, found by
+name in the registry of layer families (``stablenet.nn.families``, where a user's family can be registered too):
 
 * ``cpl``: ``CPLConv2d`` / ``CPLLinear`` (residual layers like SLL; conv inner channels default to the width).
 * ``aol``, ``sr``, ``cayley``: a width → width 3×3 convolution (``AOLConv2d``, ``SRConv2d`` with zero padding 1;
@@ -32,7 +33,6 @@ times the head's bound, up to the rounding slack of each layer.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,10 +40,11 @@ from torch import nn
 
 from stablenet.models.registry import register_model
 from stablenet.nn.activations import MaxMin
+from stablenet.nn.families import LayerFamily, layer_family
 from stablenet.nn.lln import LinearNormalized
 from stablenet.nn.pooling import L2NormPool2d, LipAvgPool2d
 from stablenet.nn.preprocess import ChannelPad, InputNormalization
-from stablenet.nn.residual import LipResidual
+from stablenet.nn.skip import LipResidual
 
 __all__ = ["DENSE_INNER", "FAMILIES", "SIZES", "SLL_CONV_INNER", "LipNetSize", "lipconvnet", "lipnet"]
 
@@ -66,34 +67,17 @@ SIZES: dict[str, LipNetSize] = {
     "xl": LipNetSize(70, 15, 120),
 }
 
-#: Layer families of :func:`lipnet`: residual ones (their own layers are residual) and MaxMin ones.
+#: Layer families (``stablenet.nn.families``) with registered models ``{family}_{size}``: residual ones (their own
+#: layers are residual) and MaxMin ones. :func:`lipnet` takes any registered family.
 FAMILIES = ("sll", "cpl", "aol", "sr", "cayley")
-_RESIDUAL_FAMILIES = ("sll", "cpl")
 
 #: Inner channels of every SLL convolution in the official code (``conv_inner_dim = 5``).
 SLL_CONV_INNER = 5
 #: Inner features of every dense SLL layer in the official code (``dense_inner_dim = 2048``); also the default
 #: width of the dense blocks of the other families.
 DENSE_INNER = 2048
-
-_LAYERS = {
-    "sll": ("stablenet.nn.sll", ("SLLConv2d", "SLLLinear")),
-    "cpl": ("stablenet.nn.cpl", ("CPLConv2d", "CPLLinear")),
-    "aol": ("stablenet.nn.aol", ("AOLConv2d", "AOLLinear")),
-    "sr": ("stablenet.nn.sr", ("SRConv2d", "SRLinear")),
-    "cayley_conv": ("stablenet.nn.cayley_conv", ("CayleyConv2d",)),
-    "orthogonal": ("stablenet.nn.orthogonal", ("OrthogonalLinear",)),
-}
-
-
-def _layers(key: str) -> tuple[type[nn.Module], ...]:
-    """The layer classes of a family, imported on first use (a model only needs its own family)."""
-    module_name, names = _LAYERS[key]
-    try:
-        module = importlib.import_module(module_name)
-        return tuple(getattr(module, n) for n in names)
-    except (ImportError, AttributeError) as e:
-        raise ImportError(f"layer family {key!r} needs {', '.join(names)} from {module_name}: {e}") from e
+#: Default inner channels of a residual family's convolutions, where not the width (the official SLL code's).
+_CONV_INNER = {"sll": SLL_CONV_INNER}
 
 
 def _check_positive(**values: int) -> None:
@@ -115,7 +99,7 @@ def _check_spatial(input_size: Sequence[int], factor: int, model: str) -> tuple[
 
 
 def lipnet(
-    family: str,
+    family: str | LayerFamily,
     num_classes: int,
     in_channels: int,
     input_size: Sequence[int],
@@ -135,36 +119,36 @@ def lipnet(
     """The trunk of the module docstring from one layer family.
 
     Args:
-        family: one of :data:`FAMILIES`.
+        family: a registered layer family (:func:`stablenet.nn.families.layer_family`; the models are registered
+            for :data:`FAMILIES`), or a :class:`~stablenet.nn.families.LayerFamily`.
         num_classes, in_channels, input_size, mean, std: as for every registry builder.
         n_conv: convolutional blocks at full resolution.
         n_dense: dense blocks.
         width: channels of the trunk (``in_channels`` are zero-padded up to it); even for MaxMin families.
-        kernel_size: odd side of the convolution kernels (Cayley: any).
+        kernel_size: odd side of the convolution kernels (a circular family, Cayley, checks its own).
         pool: side of the non-overlapping :class:`~stablenet.nn.LipAvgPool2d` window (the input height and
             width must be multiples of it).
-        conv_inner: inner channels of SLL / CPL convolutions (default: 5 for SLL as in the official code, the
-            width for CPL).
+        conv_inner: inner channels of residual (SLL / CPL) convolutions (default: 5 for SLL as in the official
+            code, the width otherwise).
         dense_inner: inner features of SLL / CPL dense layers (default 2048).
         dense_width: features of the dense blocks of MaxMin families (the first maps the flattened features
             to it).
-        residual: wrap the square blocks of MaxMin families in :class:`~stablenet.nn.residual.LipResidual`.
+        residual: wrap the square blocks of MaxMin families in :class:`~stablenet.nn.skip.LipResidual`.
 
     Raises:
         ValueError: an unknown family, a non-positive size, an odd width for a MaxMin family, an even kernel
             for a zero-padded convolution, or an input size that the pooling does not divide.
-        ImportError: the family's layer module is missing.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))}; got {family!r}")
+    layers_of = layer_family(family)
+    family = layers_of.name
     _check_positive(width=width, kernel_size=kernel_size, pool=pool, dense_width=dense_width)
     if n_conv < 0 or n_dense < 0:
         raise ValueError(f"n_conv and n_dense must be >= 0; got {n_conv} and {n_dense}")
     if width < in_channels:
         raise ValueError(f"width must be >= in_channels ({in_channels}); got {width}")
-    if family != "cayley" and kernel_size % 2 == 0:
+    if not layers_of.circular and kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd (same-size zero padding); got {kernel_size}")
-    if family not in _RESIDUAL_FAMILIES and (width % 2 or dense_width % 2):
+    if not layers_of.residual and (width % 2 or dense_width % 2):
         raise ValueError(
             f"{family} blocks end with MaxMin, which pairs channels: width and dense_width must be even; got {width} "
             f"and {dense_width}"
@@ -173,29 +157,22 @@ def lipnet(
     features = width * (h // pool) * (w // pool)
 
     layers: list[nn.Module] = [InputNormalization(mean, std, input_size=(h, w)), ChannelPad(in_channels, width)]
-    if family in _RESIDUAL_FAMILIES:
-        conv_cls, dense_cls = _layers(family)
-        conv_inner = conv_inner if conv_inner is not None else (SLL_CONV_INNER if family == "sll" else width)
+    conv_cls, dense_cls = layers_of.conv, layers_of.dense
+    conv_kw = {"input_size": (h, w)} if layers_of.input_size else {}
+    if layers_of.residual:
+        conv_inner = conv_inner if conv_inner is not None else _CONV_INNER.get(family, width)
         dense_inner = dense_inner if dense_inner is not None else DENSE_INNER
         _check_positive(conv_inner=conv_inner, dense_inner=dense_inner)
-        conv_kw = {"input_size": (h, w)} if family == "cpl" else {}
         layers += [conv_cls(width, conv_inner, kernel_size, **conv_kw) for _ in range(n_conv)]
         layers += [LipAvgPool2d(pool), nn.Flatten()]
         layers += [dense_cls(features, dense_inner) for _ in range(n_dense)]
         layers.append(LinearNormalized(features, num_classes))
         return nn.Sequential(*layers)
 
-    if family == "cayley":
-        (conv_cls,) = _layers("cayley_conv")
-        (dense_cls,) = _layers("orthogonal")
+    padding = {} if layers_of.circular else {"padding": kernel_size // 2}
 
-        def conv() -> nn.Module:
-            return conv_cls(width, width, kernel_size)
-    else:
-        conv_cls, dense_cls = _layers(family)
-
-        def conv() -> nn.Module:
-            return conv_cls(width, width, kernel_size, padding=kernel_size // 2)
+    def conv() -> nn.Module:
+        return conv_cls(width, width, kernel_size, **padding, **conv_kw)
 
     def block(layer: nn.Module) -> nn.Module:
         body = nn.Sequential(layer, MaxMin())
@@ -214,7 +191,7 @@ def _register_sizes(family: str) -> None:
     """Register ``{family}_{size}`` for every size, with the size's values as visible option defaults."""
     for size, cfg in SIZES.items():
         name = f"{family}_{size}"
-        if family in _RESIDUAL_FAMILIES:
+        if layer_family(family).residual:
             builder = _residual_family_builder(family, cfg)
         else:
             builder = _maxmin_family_builder(family, LipNetSize(cfg.n_conv, cfg.n_dense, cfg.width + cfg.width % 2))
@@ -344,9 +321,10 @@ def lipconvnet(
     h, w = _check_spatial(input_size, 4, "lipconvnet")
     pool_cls = LipAvgPool2d if pooling == "avg" else L2NormPool2d
     features = 2 * width * (h // 4) * (w // 4)
-    conv_cls, dense_cls = _layers(family)
+    layers_of = layer_family(family)
+    conv_cls, dense_cls = layers_of.conv, layers_of.dense
     layers: list[nn.Module] = [InputNormalization(mean, std, input_size=(h, w))]
-    if family == "aol":
+    if not layers_of.residual:
 
         def conv(c_in: int, c_out: int) -> list[nn.Module]:
             return [conv_cls(c_in, c_out, 3, padding=1), MaxMin()]

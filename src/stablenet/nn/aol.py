@@ -41,7 +41,7 @@ from stablenet.nn.constrained import (
     register_constraint,
     remove_constraint,
 )
-from stablenet.nn.fused import aol_scaled
+from stablenet.nn.fused_rescaling import aol_scaled
 
 __all__ = ["AOLConstraint", "AOLConv2d", "AOLLinear", "lipschitz_aol", "remove_lipschitz_aol"]
 
@@ -54,15 +54,15 @@ class AOLConstraint(Constraint):
             for a dense weight, or a conv with ``groups=1`` and no dilation.
     """
 
-    capturable = True  # no host synchronisation: Note [captured weight maps] in stablenet.nn.graphs
+    capturable = True  # no host synchronisation: Note [captured weight maps] in stablenet.nn.cuda_graphs
 
     def __init__(self, geometry: ConvGeometry | None = None) -> None:
         super().__init__()
         self.geometry = geometry
 
     def constrain(self, weight: Tensor) -> Tensor:
-        # Note [fused rescaling] in stablenet.nn.fused: equal to weight * aol_rescaling(weight) (dense) or to the
-        # input-channel scales aol_conv_rescaling(dilate_kernel(weight), groups) (conv), computed in float64.
+        # Note [fused rescaling] in stablenet.nn.fused_rescaling: equal to weight * aol_rescaling(weight) (dense) or to
+        # the input-channel scales aol_conv_rescaling(dilate_kernel(weight), groups) (conv), computed in float64.
         if weight.dim() == 2:
             return aol_scaled(weight)
         if weight.dim() == 4:

@@ -69,7 +69,7 @@ class WeightCache:
         self._value: object = None
         self._alive: list[Tensor] = []
         self._values: list[Tensor] = []
-        #: a ``stablenet.nn.graphs.CapturedWeightMap`` when the map runs as CUDA graphs in training
+        #: a ``stablenet.nn.cuda_graphs.CapturedWeightMap`` when the map runs as CUDA graphs in training
         self.graphs = None
 
     def get(self, module: nn.Module, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
@@ -78,7 +78,7 @@ class WeightCache:
         if module.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             self.clear()
             if self.graphs is not None and module.training and self.graphs.applies(params):
-                return self.graphs(module, params, compute)  # Note [captured weight maps] in stablenet.nn.graphs
+                return self.graphs(module, params, compute)  # Note [captured weight maps] in stablenet.nn.cuda_graphs
             return compute()
         key = tuple((p.data_ptr(), p._version) for p in params)
         checked = _CHECKED.get()

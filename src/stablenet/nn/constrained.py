@@ -139,7 +139,7 @@ class Constraint(nn.Module):
     returns the result in the weight's dtype (what a parametrization must do).
     """
 
-    #: whether the map runs without host synchronisation, so CUDA graphs can record it (``stablenet.nn.graphs``)
+    #: whether the map runs without host synchronisation, so CUDA graphs can record it (``stablenet.nn.cuda_graphs``)
     capturable: bool = False
 
     def constrain(self, weight: Tensor) -> Tensor:

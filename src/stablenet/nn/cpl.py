@@ -31,7 +31,7 @@ bound, so stopping early is sound, and train and eval compute the same value):
 
 The bound is computed in float64 (Note [constraint precision] in ``stablenet.nn.base``) with autocast disabled
 and cached in eval mode (Note [eval cache] in ``stablenet.nn.base``). The residual machinery shared with SLL
-(Note [folded scaling], Note [conv adjoint]) is in ``stablenet.nn.residual_layers``.
+(Note [folded scaling], Note [conv adjoint]) is in ``stablenet.nn.relu_residual``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from stablenet.nn.base import at_least_float32
-from stablenet.nn.residual import Residual
-from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
+from stablenet.nn.relu_residual import _ResidualConv2d, _ResidualLinear
+from stablenet.nn.skip import Residual
 from stablenet.spectral.conv import CIRCULAR_BOUND_METHODS, circular_gram_bound, circular_norm_bound, spatial_gram_bound
 from stablenet.spectral.dense import gram_iteration
 
@@ -105,7 +105,7 @@ class CPLConv2d(_ResidualConv2d):
 
     :math:`C` is the stride-1 convolution with kernel :math:`K` (``inner x channels x kh x kw``) and "same"
     padding ``k // 2``; the adjoint is exact for both paddings (Note [conv adjoint] in
-    ``stablenet.nn.residual_layers``).
+    ``stablenet.nn.relu_residual``).
 
     Args:
         channels: input and output channels (the layer is residual).

@@ -25,7 +25,7 @@ it does not cancel; no epsilon is added to the denominator (that breaks the boun
 ``k // 2`` for every odd kernel size, not hard-coded for 3x3 kernels.
 
 The shared residual machinery (the exact conv adjoint, Note [conv adjoint], and the folded scaling, Note
-[folded scaling]) is in ``stablenet.nn.residual_layers``.
+[folded scaling]) is in ``stablenet.nn.relu_residual``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from stablenet.nn.base import at_least_float32
-from stablenet.nn.fused import sll_back_weight
-from stablenet.nn.residual import Residual
-from stablenet.nn.residual_layers import _ResidualConv2d, _ResidualLinear
+from stablenet.nn.fused_rescaling import sll_back_weight
+from stablenet.nn.relu_residual import _ResidualConv2d, _ResidualLinear
+from stablenet.nn.skip import Residual
 from stablenet.spectral.rescaling import conv_gram_kernel, sll_rescaling
 
 __all__ = ["SLLConv2d", "SLLLinear", "sll_rescaling"]

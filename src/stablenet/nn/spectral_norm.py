@@ -35,9 +35,9 @@ cost is that of float64 matmuls on the Gram side (cheap on CPUs and data-centre 
 
 # Note [circular bound method]
 ``method="auto"`` (the default) bounds a size-specific circular norm on a CPU by
-:func:`~stablenet.spectral.verified.cholesky_circular_bound` (within 1e-4 of exact, its rounding bounded), whose
-gradient is that of the top frequency's norm, and elsewhere by the adaptive Gram iteration (within 1e-5; batched
-Cholesky factorisations are slow on GPUs). On a CPU the training step of a 128-channel layer at 32x32 is then
+:func:`~stablenet.spectral.cholesky_bound.cholesky_circular_bound` (within 1e-4 of exact, its rounding bounded),
+whose gradient is that of the top frequency's norm, and elsewhere by the adaptive Gram iteration (within 1e-5;
+batched Cholesky factorisations are slow on GPUs). On a CPU the training step of a 128-channel layer at 32x32 is then
 several times faster (README, layers benchmark). Both are certified upper bounds, so the layer is 1-Lipschitz
 either way, but they differ by up to about 1e-4 (relative): the same weights moved from a GPU to a CPU give
 outputs that differ at that level. ``method="gram"`` (or an explicit ``n_iter``) computes the same value on every
@@ -123,7 +123,8 @@ class DenseSpectralConstraint(Constraint):
 
     @property
     def capturable(self) -> bool:  # type: ignore[override]
-        """A fixed ``n_iter`` has no host synchronisation (Note [captured weight maps] in ``stablenet.nn.graphs``)."""
+        """A fixed ``n_iter`` has no host synchronisation (Note [captured weight maps] in
+        ``stablenet.nn.cuda_graphs``)."""
         return self.n_iter is not None
 
     def bound(self, weight: Tensor) -> Tensor:
@@ -150,7 +151,7 @@ def _dilated_kernel_size(kernel: Tensor, dilation: tuple[int, int]) -> tuple[int
 
 
 def _capturing(t: Tensor) -> bool:
-    """Whether ``t``'s device is recording a CUDA graph (Note [captured weight maps] in ``stablenet.nn.graphs``);
+    """Whether ``t``'s device is recording a CUDA graph (Note [captured weight maps] in ``stablenet.nn.cuda_graphs``);
     the graph then skips the finiteness check, and NaN weights give NaN outputs as in a plain layer."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -233,7 +234,7 @@ class ConvSpectralConstraint(Constraint):
 
     @property
     def capturable(self) -> bool:  # type: ignore[override]
-        """No host synchronisation (Note [captured weight maps] in ``stablenet.nn.graphs``): the spatial bound, or
+        """No host synchronisation (Note [captured weight maps] in ``stablenet.nn.cuda_graphs``): the spatial bound, or
         a fixed ``n_iter`` of the Gram iteration (``"auto"`` uses it off the CPU, where graphs run)."""
         return self.method != "cholesky" and (self.n_iter is not None or self.geometry.input_size is None)
 

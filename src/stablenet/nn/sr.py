@@ -63,7 +63,7 @@ class SRConstraint(Constraint):
             for a dense weight, or a conv with ``groups=1`` and no dilation.
     """
 
-    capturable = True  # no host synchronisation: Note [captured weight maps] in stablenet.nn.graphs
+    capturable = True  # no host synchronisation: Note [captured weight maps] in stablenet.nn.cuda_graphs
 
     def __init__(self, n_iter: int = 3, geometry: ConvGeometry | None = None) -> None:
         super().__init__()

@@ -7,8 +7,11 @@ simplex map of the logits) have :func:`soft_predict`.
 """
 
 from stablenet.smoothing.cohen import ABSTAIN, Smooth
-from stablenet.smoothing.cpm import CPMSmooth, cpm_radius
-from stablenet.smoothing.lvm import SIMPLEX_MAPS, LVMSmooth, lvm_radius, sparsemax
+from stablenet.smoothing.cpm import CPMSmooth
+from stablenet.smoothing.cpm_radii import cpm_radius
+from stablenet.smoothing.lvm import LVMSmooth
+from stablenet.smoothing.lvm_radii import lvm_radius
+from stablenet.smoothing.simplex import SIMPLEX_MAPS, sparsemax
 from stablenet.smoothing.soft import soft_predict
 
 __all__ = [

@@ -39,10 +39,11 @@ from torch import Tensor, nn
 
 from stablenet.abstain import ABSTAIN
 from stablenet.smoothing import sampling, stats
-from stablenet.smoothing.base import check_alpha as _check_alpha
-from stablenet.smoothing.base import check_count as _check_count
-from stablenet.smoothing.base import check_values, model_device
-from stablenet.smoothing.base import eval_mode as _eval_mode
+from stablenet.smoothing.arguments import check_alpha as _check_alpha
+from stablenet.smoothing.arguments import check_count as _check_count
+from stablenet.smoothing.arguments import check_values, model_device
+from stablenet.smoothing.arguments import eval_mode as _eval_mode
+from stablenet.smoothing.grid_noise import GridNoise
 
 __all__ = ["ABSTAIN", "Smooth"]
 
@@ -68,7 +69,7 @@ class Smooth:
             ``[0, 1]`` by default), or ``None`` for no range check. Noisy copies are *not* clipped to it.
         noise: ``"float"`` (``torch.randn`` in at least float32: the usual practice, sound only if the base
             model ignores rounding) or ``"grid"`` (the exact rounded Gaussian of
-            :class:`~stablenet.smoothing.sampling.GridNoise`: sound for inputs on the grid ``k / levels``, at
+            :class:`~stablenet.smoothing.grid_noise.GridNoise`: sound for inputs on the grid ``k / levels``, at
             about 3 times the noise cost, and bounds widened by its ``tv_bound``); see Note [floating-point
             noise] in :mod:`~stablenet.smoothing.sampling`.
         levels: Grid steps per input unit for ``noise="grid"`` (255 for 8-bit images); unused otherwise.
@@ -121,7 +122,7 @@ class Smooth:
         self.sigma = float(sigma)
         self.input_range = input_range
         self.noise = noise
-        self.grid = sampling.GridNoise(self.sigma, levels) if noise == "grid" else None
+        self.grid = GridNoise(self.sigma, levels) if noise == "grid" else None
 
     def _prepare(self, x: Tensor) -> Tensor:
         """Check ``x`` and return it as a batch ``(N, C, H, W)`` on the model's device."""

@@ -1,6 +1,6 @@
 r"""The smoothed *soft* classifier and a Monte-Carlo ``predict`` for it (LVM-RS, and CPM with soft votes).
 
-A simplex map :math:`h` (softmax or sparsemax, :data:`~stablenet.smoothing.lvm.SIMPLEX_MAPS`) at inverse
+A simplex map :math:`h` (softmax or sparsemax, :data:`~stablenet.smoothing.simplex.SIMPLEX_MAPS`) at inverse
 temperature :math:`s > 0`, averaged over Gaussian noise :math:`\delta \sim \mathcal N(0, \sigma^2 I)`:
 
 .. math::
@@ -35,9 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from stablenet.abstain import ABSTAIN
-from stablenet.smoothing.base import check_alpha, check_count, eval_mode, model_device
-from stablenet.smoothing.lvm import SIMPLEX_MAPS
-from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise, make_generator, mean_and_variance
+from stablenet.smoothing.arguments import check_alpha, check_count, eval_mode, model_device
+from stablenet.smoothing.grid_noise import GridNoise
+from stablenet.smoothing.sampling import NOISE_KINDS, make_generator, mean_and_variance
+from stablenet.smoothing.simplex import SIMPLEX_MAPS
 from stablenet.smoothing.stats import empirical_bernstein_lower, empirical_bernstein_upper
 
 __all__ = ["HARD_VOTES", "simplex_scores", "soft_predict", "soft_vote_decision"]
@@ -82,7 +83,7 @@ def soft_vote_decision(mean: np.ndarray, var: np.ndarray, n: int, alpha: float, 
     :math:`\arg\max_c g_c`. Proof: all :math:`2K` bounds hold together with that probability (Bonferroni), and
     then :math:`g_{\hat A} \ge \underline g_{\hat A} > \overline g_c \ge g_c` for every :math:`c \ne \hat A`.
     Bounding every class (not only :math:`\hat A` and a runner-up) is what makes choosing :math:`\hat A` on the
-    same draws harmless. Summation errors widen the bounds as in :mod:`stablenet.smoothing.lvm`, Note
+    same draws harmless. Summation errors widen the bounds as in :mod:`stablenet.smoothing.lvm_radii`, Note
     [summation error].
 
     ``tv`` > 0 is for draws from a law within total variation ``tv`` of the one whose expectation :math:`g` is
@@ -144,9 +145,9 @@ def soft_predict(
     The mean and variance of :math:`h(s\,f(x + \delta))` over ``n`` noisy copies, then
     :func:`soft_vote_decision`. Inputs are not range-checked (a point found by an attack may leave the pixel
     box, and the smoothed classifier is defined everywhere). The base model runs in eval mode (Note [eval mode]
-    in :mod:`stablenet.smoothing.base`).
+    in :mod:`stablenet.smoothing.arguments`).
 
-    With ``noise="grid"`` the noise is :class:`~stablenet.smoothing.sampling.GridNoise` (inputs must lie on the
+    With ``noise="grid"`` the noise is :class:`~stablenet.smoothing.grid_noise.GridNoise` (inputs must lie on the
     grid ``k / levels``; a ``ValueError`` otherwise), :math:`G` is that of the grid base model
     :math:`f(\mathrm{round}(L\,\cdot)/L)` (what :class:`~stablenet.smoothing.lvm.LVMSmooth` certifies with the
     same noise), and the bounds of :func:`soft_vote_decision` are widened by the noise's ``tv_bound`` for one
@@ -159,7 +160,7 @@ def soft_predict(
         n: noisy copies per input, >= 2 (the empirical-Bernstein bound needs two).
         alpha: failure probability in (0, 1).
         batch_size: rows per forward pass, >= 1.
-        simplex_map: one of :data:`~stablenet.smoothing.lvm.SIMPLEX_MAPS`.
+        simplex_map: one of :data:`~stablenet.smoothing.simplex.SIMPLEX_MAPS`.
         inverse_temperature: :math:`s > 0`.
         generator: ``None`` (fresh randomness), an int seed, or a ``torch.Generator`` on the model's device.
         noise: ``"float"`` or ``"grid"``, as in :class:`~stablenet.smoothing.lvm.LVMSmooth`.

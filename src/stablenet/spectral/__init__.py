@@ -1,5 +1,6 @@
 """Spectral-norm engine: exact values, guaranteed upper bounds and lower estimates of operator norms."""
 
+from stablenet.spectral.cholesky_bound import cholesky_circular_bound, gram_spectrum
 from stablenet.spectral.conv import (
     CONV_METHODS,
     conv_operator,
@@ -14,11 +15,11 @@ from stablenet.spectral.dense import (
     gram_iteration,
     gram_iteration_amax,
     gram_iteration_max,
-    gram_iteration_max_many,
     power_iteration,
     spectral_norm_exact,
     spectral_norm_upper_bound,
 )
+from stablenet.spectral.lockstep import gram_iteration_max_many
 from stablenet.spectral.network import (
     BoundNode,
     layer_lipschitz_bounds,
@@ -38,7 +39,6 @@ from stablenet.spectral.rescaling import (
     sr_conv_rescaling,
     sr_rescaling,
 )
-from stablenet.spectral.verified import cholesky_circular_bound, gram_spectrum
 
 __all__ = [
     "CONV_METHODS",

@@ -38,23 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stablenet.spectral.dense import (
-    GRAM_ROUNDING_SLACK,
-    LOCKSTEP_MEMORY_BYTES,
-    _gram_max_many,
-    gram_iteration,
-    gram_iteration_amax,
-    gram_iteration_max_many,
-    power_iteration,
-)
-from stablenet.spectral.rescaling import conv_gram_power_rowsums
-from stablenet.spectral.verified import (
+from stablenet.spectral.cholesky_bound import (
     _cholesky_bound,
     _collapsed_size,
     _half_frequencies,
     _Spectrum,
     cholesky_circular_bound,
 )
+from stablenet.spectral.dense import GRAM_ROUNDING_SLACK, gram_iteration, gram_iteration_amax, power_iteration
+from stablenet.spectral.lockstep import LOCKSTEP_MEMORY_BYTES, _gram_max_many, gram_iteration_max_many
+from stablenet.spectral.rescaling import conv_gram_power_rowsums
 
 __all__ = [
     "CIRCULAR_BOUND_METHODS",
@@ -262,14 +255,14 @@ def _circular_matrices(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
 
 # Note [lockstep from the Gram kernel]
 # The lockstep bound (conv_spectral_norm_upper_bounds) starts from G(w) = K(w)^H K(w) itself, computed from the
-# Gram kernel H_d = sum_{u-v=d} A_u^T A_v by one phase GEMM per group (stablenet.spectral.verified._Spectrum,
+# Gram kernel H_d = sum_{u-v=d} A_u^T A_v by one phase GEMM per group (stablenet.spectral.cholesky_bound._Spectrum,
 # the Cholesky path's spectrum), written straight into the lockstep's buffer: no FFT, no spectrum K(w), no
 # copy, and no first squaring of every frequency (one of the four or more full-batch steps of each of the
 # ResNet-18 bound's convolutions). The kernel is first divided by a power of two near its largest entry, exactly
 # except for entries that become subnormal (each moves by less than 2^-1074, far inside the 1e-9 rounding
 # slack), so G neither overflows nor underflows; the scale multiplies the bound back. _Spectrum bounds
-# ||G_computed(w) - G(w)||_2 <= err for every frequency (Note [verified rounding]), so
-# sigma_1(K(w))^2 <= ||G_computed(w)||_2 + err <= b^2 + err for the Gram iteration's upper bound b on the square
+# ||G_computed(w) - G(w)||_2 <= err for every frequency (Note [verified rounding] in stablenet.spectral.cholesky_bound),
+# so sigma_1(K(w))^2 <= ||G_computed(w)||_2 + err <= b^2 + err for the Gram iteration's upper bound b on the square
 # root of ||G_computed(w)||_2: the result is scale * sqrt(b^2 + err), times 1 + GRAM_ROUNDING_SLACK for the
 # iteration's own rounding, as before. Against the FFT start, the ResNet-18 bounds rose by 7e-13 to 6e-11
 # (relative; benchmarks/results/README.md). The half spectrum is the deduplicated one of the Cholesky path
@@ -278,7 +271,7 @@ def _circular_matrices(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
 
 class _GramSource:
     r"""The Gram matrices :math:`G(\omega) = \hat K(\omega)^H \hat K(\omega)` of a circular convolution over its
-    half spectrum, as a :class:`~stablenet.spectral.dense.MatrixSource` for the lockstep Gram iteration (Note
+    half spectrum, as a :class:`~stablenet.spectral.lockstep.MatrixSource` for the lockstep Gram iteration (Note
     [lockstep from the Gram kernel]).
 
     Read once; then ``scale`` (a power of two) and ``err`` (a bound on the rounding of every computed
@@ -340,7 +333,7 @@ def circular_norm_bound(
     r"""A differentiable upper bound on the circular convolution's norm on ``size`` pixels, by the faster method.
 
     * ``"gram"``: :func:`circular_gram_bound` (``n_iter`` steps, or adaptive);
-    * ``"cholesky"``: the value of :func:`~stablenet.spectral.verified.cholesky_circular_bound` (within ``1e-4``
+    * ``"cholesky"``: the value of :func:`~stablenet.spectral.cholesky_bound.cholesky_circular_bound` (within ``1e-4``
       of exact, its rounding bounded), with the gradient of :math:`\sigma_1(\hat K(\omega^*))` at the frequency
       :math:`\omega^*` that set its level (Note [gradient at the top frequency]);
     * ``"auto"``: ``"cholesky"`` for float64 kernels on a CPU with ``n_iter=None``: it made the CPU training
@@ -377,7 +370,7 @@ def circular_norm_bound(
 
 
 def _frequency_matrix(kernel5: Tensor, size: tuple[int, int], index: int) -> Tensor:
-    """``(c_out/g, c_in/g)``: the kernel's DFT at matrix ``index`` of ``stablenet.spectral.verified._Spectrum``
+    """``(c_out/g, c_in/g)``: the kernel's DFT at matrix ``index`` of ``stablenet.spectral.cholesky_bound._Spectrum``
     (group-major over the half spectrum), differentiable; phases reduced modulo the size in integers."""
     kh, kw = kernel5.shape[-2:]
     size = _collapsed_size(kernel5, size)
@@ -553,7 +546,7 @@ def conv_spectral_norm_upper_bound(
 
     * ``"cholesky"``: the circular norm (at the input size, or at the embedding size for zero padding) within
       ``1e-4`` of exact, verified by one Cholesky factorisation per frequency
-      (:func:`stablenet.spectral.verified.cholesky_circular_bound`, rounding bounded explicitly);
+      (:func:`stablenet.spectral.cholesky_bound.cholesky_circular_bound`, rounding bounded explicitly);
     * ``"gram"``: the adaptive circular Gram iteration, or the spatial Gram bound for zero padding;
     * ``"embed"`` (zeros only): the circular Gram iteration at the embedding size;
     * ``"svd"``: the exact per-frequency eigenvalues of the circular operator (a float64 eigensolver is backward
@@ -590,10 +583,10 @@ def conv_spectral_norm_upper_bounds(
     Each problem is a mapping of that function's arguments (``kernel`` and ``input_size``, and optionally
     ``padding``, ``padding_size``, ``stride``, ``dilation``, ``groups``). With the adaptive circular Gram
     iteration (``"gram"`` with circular padding, ``"embed"``, or ``"auto"`` off the CPU) all of them advance in
-    lockstep (:func:`~stablenet.spectral.dense.gram_iteration_max_many`): on a GPU, one device-to-host copy per
+    lockstep (:func:`~stablenet.spectral.lockstep.gram_iteration_max_many`): on a GPU, one device-to-host copy per
     step for the whole network instead of one per convolution. Their iterates share ``max_memory_bytes`` (Note
-    [lockstep memory]; ``None``: all convolutions from the first step); their first Gram matrices come from the
-    Gram kernel (Note [lockstep from the Gram kernel]).
+    [lockstep memory] in ``stablenet.spectral.lockstep``; ``None``: all convolutions from the first step); their
+    first Gram matrices come from the Gram kernel (Note [lockstep from the Gram kernel]).
 
     Example:
         >>> ks = [torch.randn(8, 4, 3, 3), torch.randn(8, 8, 1, 1)]

@@ -176,10 +176,10 @@ def _prefetch_conv_bounds(
     """Bounds of the convolutions that :func:`_walk` will bound by rule, computed in one call.
 
     # Note [prefetched convolutions]
-    On a GPU the convolutions' Gram iterations run in lockstep (Note [lockstep Gram]), several times faster
-    than one after another. This visits the modules as ``_walk`` does (layers with their own bound are not
-    entered). Anything that fails here is left out, so that the walk itself computes it and raises its error
-    with the module's name.
+    On a GPU the convolutions' Gram iterations run in lockstep (Note [lockstep Gram] in
+    ``stablenet.spectral.lockstep``), several times faster than one after another. This visits the modules as
+    ``_walk`` does (layers with their own bound are not entered). Anything that fails here is left out, so that
+    the walk itself computes it and raises its error with the module's name.
     """
     keys: list[tuple[int, Shape | None]] = []
     problems: list[dict[str, object]] = []

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from stablenet.train.optimizers import list_optimizers
+
 __all__ = ["TrainConfig", "apply_overrides", "load_config", "parse_override_args"]
 
 
@@ -76,7 +78,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{message}; got {dataclasses.asdict(self)[message.split()[0]]}")
         choices = {
-            "optimizer": ("adam", "adamw", "sgd"),
+            "optimizer": list_optimizers(),  # the registered names (stablenet.train.optimizers)
             "schedule": ("constant", "cosine"),
             "loss": ("ce", "hinge", "offset_ce"),
         }
@@ -180,7 +182,11 @@ def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainC
 
 
 def parse_override_args(args: Sequence[str]) -> dict[str, Any]:
-    """Parse ``["--epochs", "5", "--model_args.width=64"]`` into ``{"epochs": 5, ...}`` (YAML scalars)."""
+    """Parse ``["--epochs", "5", "--data-root", "d", "--model_args.width=64"]`` into ``{"epochs": 5, ...}``.
+
+    Values are read as YAML scalars. Keys are config keys with dashes read as underscores, so ``--data-root``
+    and ``--data_root`` both set ``data_root`` (the CLI spells its flags with dashes).
+    """
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -193,7 +199,7 @@ def parse_override_args(args: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"config override --{key} needs a value")
             raw = args[i + 1]
             i += 1
-        key = key.replace("-", "_")
+        key = key.replace("-", "_")  # --data-root, like every other flag; --data_root still works
         try:
             out[key] = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:

@@ -33,7 +33,7 @@ from stablenet.curvature.sam import sam_step
 from stablenet.data import DeviceLoader, dataset_info, load_dataset
 from stablenet.data.radii import STANDARD_RADII
 from stablenet.models import create_model
-from stablenet.nn.graphs import capture_weight_maps
+from stablenet.nn.cuda_graphs import capture_weight_maps
 from stablenet.train.checkpoint import (
     MODEL_FILE,
     TRAIN_STATE_FILE,
@@ -44,6 +44,7 @@ from stablenet.train.checkpoint import (
 )
 from stablenet.train.config import TrainConfig
 from stablenet.train.losses import create_loss
+from stablenet.train.optimizers import create_optimizer
 
 __all__ = ["TrainResult", "evaluate", "resolve_device", "train"]
 
@@ -72,26 +73,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return device
-
-
-def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        cls, kwargs = torch.optim.SGD, {"momentum": config.momentum}
-    else:
-        cls, kwargs = (torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam), {}
-    if config.sam_rho > 0:
-        from stablenet.curvature.sam import SAM
-
-        return SAM(
-            params,
-            cls,
-            rho=config.sam_rho,
-            adaptive=config.sam_adaptive,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            **kwargs,
-        )
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay, **kwargs)
 
 
 def _lr_at(config: TrainConfig, step: int, total: int) -> float:
@@ -241,7 +222,15 @@ def train(
     ).to(device)
     if config.cuda_graphs and device.type == "cuda":
         logger.info("weight maps of %d layers run as CUDA graphs", capture_weight_maps(model))
-    optimizer = _build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    optimizer = create_optimizer(
+        config.optimizer,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        sam_rho=config.sam_rho,
+        sam_adaptive=config.sam_adaptive,
+    )
     start_epoch, rows, partial = 0, [], None
     if resume:
         state = load_training_state(run_dir, map_location=device)

@@ -1,4 +1,4 @@
-"""Workflows on trained runs: certification runs, verification by attack, reports, and the demo.
+"""Workflows on trained runs: certification runs, verification by attack, reports, bounds, curvature, the demo.
 
 They compose the tiers below (models and their files, certificates, smoothing) into resumable jobs that read a
 run directory and write record files and reports; the CLI is a thin layer over them.
@@ -11,7 +11,9 @@ from stablenet.workflows.certification import (
     certify_dataset,
     certify_run,
 )
-from stablenet.workflows.demo import DemoResult, run_demo
+from stablenet.workflows.curvature import LandscapeReport, hessian_report, landscape_report
+from stablenet.workflows.demo import DemoResult, demo_summary, run_demo
+from stablenet.workflows.lipschitz import LipschitzReport, lipschitz_report
 from stablenet.workflows.report import STANDARD_RADII, certified_accuracy, summarize, write_report
 from stablenet.workflows.verification import VerifyResult, verify_records, verify_run
 
@@ -20,11 +22,17 @@ __all__ = [
     "SMOOTHING_METHODS",
     "STANDARD_RADII",
     "DemoResult",
+    "LandscapeReport",
+    "LipschitzReport",
     "SmoothingParams",
     "VerifyResult",
     "certified_accuracy",
     "certify_dataset",
     "certify_run",
+    "demo_summary",
+    "hessian_report",
+    "landscape_report",
+    "lipschitz_report",
     "run_demo",
     "summarize",
     "verify_records",

@@ -2,7 +2,8 @@ r"""Certify a data set with a trained model, one record per example, resumable a
 
 Records go to a JSON Lines file through :class:`stablenet.certify.records.RecordWriter`: a rerun skips the
 indices already in the file, and records are on disk (flushed and synced) as soon as their chunk is done, so a
-killed run loses at most one chunk.
+killed run loses at most one chunk. The certifier is named by ``method``, a name registered in
+:mod:`stablenet.workflows.certifiers` (:func:`register_certifier` adds one) or a ready certifier callable.
 
 # Note [sharding]
 Under ``torchrun`` (``WORLD_SIZE > 1``), rank ``r`` certifies every ``world_size``-th pending example starting at
@@ -19,7 +20,7 @@ average softmax at its ``inverse_temperature`` when the model has a finite Lipsc
 re-derived later, because the noise depends on the chunking (Note [smoothing seeds]).
 
 # Note [grid runs]
-With ``noise="grid"`` the randomized certifiers draw :class:`~stablenet.smoothing.sampling.GridNoise` (Note
+With ``noise="grid"`` the randomized certifiers draw :class:`~stablenet.smoothing.grid_noise.GridNoise` (Note
 [floating-point noise] in :mod:`stablenet.smoothing.sampling`): sound for any base model, but only for inputs on
 the grid ``k / levels``, and about the grid classifier :math:`f(\mathrm{round}(L\,\cdot)/L)`. So every image to
 certify is checked against the grid before anything is written (one off-grid value is a one-line error),
@@ -42,8 +43,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,105 +50,43 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from stablenet.certify.lipschitz import LipschitzCertifier
 from stablenet.certify.records import CertificationRecord, RecordWriter, read_metadata, read_records
 from stablenet.models.persistence import load_run, read_model_metadata
-from stablenet.smoothing.sampling import NOISE_KINDS, GridNoise
+from stablenet.smoothing.grid_noise import GridNoise
+from stablenet.workflows.certifiers import (
+    Certifier,
+    CertifierFn,
+    CertifierSettings,
+    SmoothingParams,
+    certifier,
+    certifier_name,
+    is_randomized,
+    list_certifiers,
+    register_certifier,
+)
 
-__all__ = ["CERTIFY_METHODS", "GRID_LEVELS", "SMOOTHING_METHODS", "SmoothingParams", "certify_dataset", "certify_run"]
+__all__ = [
+    "CERTIFY_METHODS",
+    "GRID_LEVELS",
+    "SMOOTHING_METHODS",
+    "Certifier",
+    "CertifierSettings",
+    "SmoothingParams",
+    "certifier",
+    "certify_dataset",
+    "certify_run",
+    "list_certifiers",
+    "register_certifier",
+]
 
 logger = logging.getLogger(__name__)
-SMOOTHING_METHODS = ("smoothing", "lvm-rs", "cpm")
-CERTIFY_METHODS = ("lipschitz", *SMOOTHING_METHODS)
+#: The built-in randomized certifiers; :func:`list_certifiers` with ``randomized=True`` also names the user's.
+SMOOTHING_METHODS = list_certifiers(randomized=True)
+#: The built-in certifiers (registered names); :func:`list_certifiers` also names the user's.
+CERTIFY_METHODS = list_certifiers()
 #: The grid ``k / levels`` the pixels of each built-in data set lie on: the default ``levels`` of a grid-noise run
 #: (Note [grid runs]).
 GRID_LEVELS: dict[str, int] = {"digits": 16, "mnist": 255, "fashion-mnist": 255, "cifar10": 255, "cifar100": 255}
-
-
-@dataclass(frozen=True)
-class SmoothingParams:
-    """Monte-Carlo settings of the randomized certifiers (Cohen et al. defaults: n0=100, n=100000, alpha=0.001).
-
-    ``noise`` is ``"float"`` or ``"grid"`` (Note [grid runs]); ``levels``, the grid steps per input unit, only goes
-    with ``"grid"`` (``None``: :func:`certify_run` takes the data set's :data:`GRID_LEVELS`).
-    """
-
-    sigma: float
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    seed: int = 0
-    noise: str = "float"
-    levels: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0; got {self.sigma}")
-        if self.n0 < 1 or self.n < 1:
-            raise ValueError(f"n0 and n must be >= 1; got {self.n0} and {self.n}")
-        if not (0.0 < self.alpha < 1.0):
-            raise ValueError(f"alpha must be in (0, 1); got {self.alpha}")
-        if self.noise not in NOISE_KINDS:
-            raise ValueError(f"noise must be one of {', '.join(NOISE_KINDS)}; got {self.noise!r}")
-        if self.levels is not None:
-            if self.noise != "grid":
-                raise ValueError(f"levels goes with noise 'grid' only; got levels {self.levels} with float noise")
-            if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
-                raise ValueError(f"levels must be an int >= 1; got {self.levels!r}")
-
-
-_Choice = tuple[str | None, float | None]
-"""``(simplex_map, inverse_temperature)`` of one record (Note [certified classifier])."""
-_Certify = Callable[[Tensor, int], tuple[Tensor, Tensor, list[_Choice]]]
-
-
-def _smoothed_certifier(
-    model: nn.Module,
-    method: str,
-    num_classes: int,
-    params: SmoothingParams,
-    input_shape: tuple[int, ...],
-    batch_size: int,
-) -> _Certify:
-    def seed(first_index: int) -> int:
-        return params.seed * 1_000_003 + first_index  # Note [smoothing seeds]
-
-    grid = {"noise": params.noise, "levels": params.levels} if params.noise == "grid" else {}
-    if method == "smoothing":
-        from stablenet.smoothing.cohen import Smooth
-
-        cohen = Smooth(model, num_classes, params.sigma, **grid)
-
-        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
-            pred, radius = cohen.certify(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
-            return pred, radius, [(None, None)] * len(x)
-
-    elif method == "lvm-rs":
-        from stablenet.smoothing.lvm import LVMSmooth
-
-        lvm = LVMSmooth(model, num_classes, params.sigma, **grid)
-        names = [m if isinstance(m, str) else getattr(m, "__name__", repr(m)) for m in lvm.maps]
-
-        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
-            result = lvm.certify_detailed(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
-            choices = zip(result.map_index.tolist(), result.temperature.tolist(), strict=True)
-            return result.prediction, result.radius, [(names[m], t) for m, t in choices]
-
-    else:
-        from stablenet.smoothing.cpm import CPMSmooth
-        from stablenet.smoothing.soft import HARD_VOTES
-
-        # With grid noise CPMSmooth takes L = inf (hard votes) and bounds nothing (Note [grid runs]).
-        cpm = CPMSmooth(model, num_classes, params.sigma, input_shape=input_shape, **grid)
-        if grid:
-            logger.info("cpm with grid noise: hard votes (soft votes are not sound for the grid classifier)")
-        choice: _Choice = ("softmax", cpm.inverse_temperature) if cpm.soft_votes else (HARD_VOTES, None)
-
-        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
-            pred, radius = cpm.certify(x, params.n0, params.n, params.alpha, batch_size, seed(first_index))
-            return pred, radius, [choice] * len(x)
-
-    return certify
 
 
 def _distributed() -> tuple[int, int]:
@@ -170,7 +107,8 @@ def certify_dataset(
     labels: Tensor,
     out: str | os.PathLike,
     *,
-    method: str = "lipschitz",
+    method: str | CertifierFn = "lipschitz",
+    method_name: str | None = None,
     form: str = "auto",
     arithmetic: str = "float64",
     smoothing: SmoothingParams | None = None,
@@ -185,7 +123,12 @@ def certify_dataset(
         model: the classifier, used as it is (call ``.eval()`` first).
         images, labels: the data set, ``(N, C, H, W)`` and ``(N,)``.
         out: JSON Lines file; indices already present are skipped.
-        method: one of :data:`CERTIFY_METHODS`.
+        method: a registered certifier (:func:`~stablenet.workflows.certifiers.list_certifiers`: the built-in
+            :data:`CERTIFY_METHODS` and those added by :func:`register_certifier`), or a ready certifier callable
+            ``x -> (prediction, radius)`` for this model (Note [certifier protocol] in
+            :mod:`stablenet.workflows.certifiers`).
+        method_name: what the records and the sidecar call the method; default: the registered name, or the
+            callable's ``__name__``.
         form: Lipschitz certificate form (``auto``, ``generic``, ``lln``).
         arithmetic: what a Lipschitz certificate describes, ``"float64"`` or ``"native"`` (Note [certified
             arithmetic] in ``stablenet.certify.lipschitz``).
@@ -196,8 +139,7 @@ def certify_dataset(
         metadata: written beside the records (``OUT.meta.json``), e.g. the data set name.
         progress: show a tqdm bar.
     """
-    if method not in CERTIFY_METHODS:
-        raise ValueError(f"method must be one of {', '.join(CERTIFY_METHODS)}; got {method!r}")
+    name = certifier_name(method, method_name)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if images.dim() != 4 or len(images) != len(labels):
@@ -206,31 +148,19 @@ def certify_dataset(
         )
     params = next(model.parameters(), None)
     device = params.device if params is not None else images.device
-    input_shape = tuple(images.shape[1:])
-    meta: dict[str, Any] = {**(metadata or {}), "method": method}
-    if method == "lipschitz":
-        earlier = read_metadata(out) if Path(out).exists() else {}
-        if earlier.get("method") == "lipschitz" and "arithmetic" not in earlier:
-            raise ValueError(
-                f"{out} holds Lipschitz records made before certificates named their arithmetic (they describe the "
-                "model's own float32 forward, with an unproven rounding tolerance); certify into a new file"
-            )
-        lipschitz = LipschitzCertifier(model, form, input_shape, arithmetic)
-        meta.update(form=lipschitz.form, lipschitz=lipschitz.lipschitz, arithmetic=arithmetic)
-        chunk = batch_size
-
-        def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
-            return (*lipschitz(x), [(None, None)] * len(x))
-
-    else:
-        if smoothing is None:
-            raise ValueError(f"method {method!r} needs smoothing parameters (sigma, n0, n, alpha)")
+    settings: dict[str, Any] = {
+        "input_shape": tuple(images.shape[1:]),
+        "batch_size": batch_size,
+        "form": form,
+        "arithmetic": arithmetic,
+        "smoothing": smoothing,
+        "out": Path(out),
+    }
+    if is_randomized(method) and smoothing is not None:  # without smoothing, certifier() says what is missing
         _check_noise(smoothing, images, indices, out)
-        num_classes = int(model(images[:1].to(device)).shape[-1])
-        certify = _smoothed_certifier(model, method, num_classes, smoothing, input_shape, batch_size)
-        meta.update(sigma=smoothing.sigma, n0=smoothing.n0, n=smoothing.n, alpha=smoothing.alpha, seed=smoothing.seed)
-        meta.update(noise=smoothing.noise, **({"levels": smoothing.levels} if smoothing.noise == "grid" else {}))
-        chunk = max(1, min(64, batch_size // max(smoothing.n0, 1)))
+        settings["num_classes"] = int(model(images[:1].to(device)).shape[-1])
+    run = certifier(method, model, **settings)
+    meta: dict[str, Any] = {**(metadata or {}), "method": name, **run.metadata}
 
     rank, world = _distributed()
     out = Path(out)
@@ -242,11 +172,11 @@ def certify_dataset(
         todo = [i for i in todo_all if i not in writer.done]
         if len(todo) < len(todo_all):
             logger.info("%s: %d of %d examples already certified", target, len(todo_all) - len(todo), len(todo_all))
-        bar = tqdm(total=len(todo), desc=f"certify ({method})", disable=not progress or rank != 0)
-        for start in range(0, len(todo), chunk):
-            idx = todo[start : start + chunk]
+        bar = tqdm(total=len(todo), desc=f"certify ({name})", disable=not progress or rank != 0)
+        for start in range(0, len(todo), run.chunk):
+            idx = todo[start : start + run.chunk]
             t0 = time.perf_counter()
-            pred, radius, choices = certify(images[idx].to(device), idx[0])
+            pred, radius, choices = run.certify(images[idx].to(device), idx[0])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             per_example = (time.perf_counter() - t0) / len(idx)
@@ -257,7 +187,7 @@ def certify_dataset(
                     prediction=int(p),
                     radius=float(r),
                     correct=bool(int(p) == int(y)),
-                    method=method,
+                    method=name,
                     norm="l2",
                     time_s=per_example,
                     simplex_map=c[0],
@@ -277,7 +207,7 @@ def certify_dataset(
 def _check_noise(params: SmoothingParams, images: Tensor, indices: list[int] | None, out: str | os.PathLike) -> None:
     """One-line errors, before anything is written, for a grid run that cannot be sound (Note [grid runs])."""
     earlier = read_metadata(out) if Path(out).exists() else {}
-    if earlier.get("method") in SMOOTHING_METHODS and "noise" not in earlier and params.noise != "float":
+    if earlier.get("method") in list_certifiers(randomized=True) and "noise" not in earlier and params.noise != "float":
         raise ValueError(
             f"{out} holds records made before certificates named their noise (float noise); refusing to add "
             f"records for noise {params.noise!r} (use another file)"
@@ -325,7 +255,11 @@ def certify_run(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Certify the ``split`` of the data set a run was trained on, rebuilding the model from its checkpoint."""
+    """Certify the ``split`` of the data set a run was trained on, rebuilding the model from its checkpoint.
+
+    ``method`` is a registered certifier (:func:`~stablenet.workflows.certifiers.list_certifiers`), built for the
+    rebuilt model; the other arguments are those of :func:`certify_dataset`.
+    """
     if skip < 0 or (max_examples is not None and max_examples < 1):
         raise ValueError(f"skip must be >= 0 and max_examples >= 1; got skip={skip}, max_examples={max_examples}")
     meta = read_model_metadata(run_dir)

@@ -9,13 +9,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from stablenet.certify.records import read_records
 from stablenet.train.checkpoint import TRAIN_STATE_FILE
 from stablenet.train.config import TrainConfig
 from stablenet.train.trainer import train
 from stablenet.workflows.certification import certify_run
-from stablenet.workflows.report import write_report
+from stablenet.workflows.report import STANDARD_RADII, certified_accuracy, write_report
 
-__all__ = ["DEMO_CONFIG", "DemoResult", "run_demo"]
+__all__ = ["DEMO_CONFIG", "DemoResult", "demo_summary", "run_demo"]
 
 #: The demo's training configuration (also in ``configs/digits_sll_mlp.yaml``).
 DEMO_CONFIG = {
@@ -50,3 +51,12 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True) -> 
     records = certify_run(result.run_dir, out / "certify_lipschitz.jsonl", method="lipschitz", progress=progress)
     report = write_report([records], out / "report", names=["sll_mlp (Lipschitz margin)"])
     return DemoResult(run_dir=result.run_dir, records=records, report=report)
+
+
+def demo_summary(result: DemoResult) -> str:
+    """One line from the demo's records: clean accuracy and certified accuracy at the digits' standard radii."""
+    records = read_records(result.records)
+    radii = STANDARD_RADII["digits"]
+    accs = certified_accuracy(records, (0.0, *radii))
+    cert = ", ".join(f"{r:g}: {100 * a:.1f}%" for r, a in zip(radii, accs[1:], strict=True))
+    return f"digits test set ({len(records)} images): clean accuracy {100 * accs[0]:.1f}%, certified (l2) {cert}"

@@ -427,7 +427,7 @@ def _certified_classifiers(
 ) -> list[_Classifier]:
     """The smoothed classifier each record's certificate is about (Note [certified classifier]); ``noise`` holds
     the certifiers' ``noise`` and ``levels`` options."""
-    from stablenet.smoothing.lvm import SIMPLEX_MAPS
+    from stablenet.smoothing.simplex import SIMPLEX_MAPS
     from stablenet.smoothing.soft import HARD_VOTES
 
     allowed = {"smoothing": (HARD_VOTES,), "lvm-rs": tuple(SIMPLEX_MAPS), "cpm": ("softmax", HARD_VOTES)}[method]
@@ -511,7 +511,8 @@ def _attack_smoothed(
     if not todo:
         return []
     from stablenet.smoothing.cohen import Smooth
-    from stablenet.smoothing.sampling import GridNoise, make_generator
+    from stablenet.smoothing.grid_noise import GridNoise
+    from stablenet.smoothing.sampling import make_generator
     from stablenet.smoothing.soft import HARD_VOTES, soft_predict
 
     options: dict[str, Any] = {"noise": noise, "levels": levels} if noise == "grid" else {}

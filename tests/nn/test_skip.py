@@ -8,7 +8,8 @@ from lipschitz_checks import check_layer
 from torch import nn
 
 from stablenet.nn import GroupSort, Residual, SLLLinear
-from stablenet.nn.residual import LipResidual, export_branch
+from stablenet.nn.export import export_branch
+from stablenet.nn.skip import LipResidual
 from stablenet.spectral import layer_lipschitz_bounds, lipschitz_upper_bound, spectral_norm_exact
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 import stablenet.nn as snn
 from stablenet.models import create_model
-from stablenet.nn import graphs, spectral_norm
-from stablenet.nn.graphs import CapturedWeightMap, capturable, capture_weight_maps
+from stablenet.nn import cuda_graphs, spectral_norm
+from stablenet.nn.cuda_graphs import CapturedWeightMap, capturable, capture_weight_maps
 from stablenet.train.config import TrainConfig
 
 
@@ -123,7 +123,7 @@ def test_substituted_map_gives_eager_values_and_gradients(monkeypatch, factory, 
 def test_slots_reject_foreign_tensors():
     layer = snn.AOLLinear(3, 3)
     with pytest.raises(ValueError, match="not its parameters"):
-        graphs._slots(layer, [torch.zeros(3)])
+        cuda_graphs._slots(layer, [torch.zeros(3)])
 
 
 def test_train_config_refuses_graphs_with_second_order_regularizers():

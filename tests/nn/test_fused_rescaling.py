@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stablenet.nn.fused import aol_scaled, sll_back_weight
+from stablenet.nn.fused_rescaling import aol_scaled, sll_back_weight
 from stablenet.nn.sll import sll_rescaling
 from stablenet.spectral.rescaling import aol_conv_rescaling, aol_rescaling, conv_gram_kernel, dilate_kernel
 

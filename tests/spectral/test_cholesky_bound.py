@@ -1,6 +1,8 @@
 """Cholesky-verified circular norms: against the explicit operator's SVD, in float32 against the float64 truth."""
 
+import importlib
 import math
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stablenet.spectral import (
+    cholesky_bound,
     cholesky_circular_bound,
     conv_operator_matrix,
     conv_spectral_norm,
@@ -15,8 +18,8 @@ from stablenet.spectral import (
     gram_spectrum,
     power_iteration,
 )
+from stablenet.spectral.cholesky_bound import _factorises, _screen, _Spectrum
 from stablenet.spectral.conv import conv_operator
-from stablenet.spectral.verified import _factorises, _screen, _Spectrum
 
 RTOL = 1e-4
 
@@ -243,3 +246,13 @@ def test_gram_range_equals_gram_across_groups():
         assert torch.equal(spectrum.gram_range(start, stop), expected)
         out = torch.empty_like(expected)
         assert spectrum.gram_range(start, stop, out=out) is out and torch.equal(out, expected)
+
+
+def test_old_module_path_is_a_deprecated_alias():
+    """``stablenet.spectral.verified`` (the old name) re-exports the public names, and warns on import."""
+    sys.modules.pop("stablenet.spectral.verified", None)
+    with pytest.warns(DeprecationWarning, match="import from stablenet.spectral.cholesky_bound"):
+        verified = importlib.import_module("stablenet.spectral.verified")
+    assert {name: getattr(verified, name) for name in verified.__all__} == {
+        name: getattr(cholesky_bound, name) for name in cholesky_bound.__all__
+    }
