@@ -11,17 +11,17 @@ reports the median wall time of building the certifier and of certifying, clean 
 data set's standard radii, and the mean radius; and the median wall time of the whole certification stage,
 ``certify_run`` (loading the model and the data, the certifier, writing the records), into a temporary file.
 The same script runs against an older checkout of the package (``PYTHONPATH=OLD/src``), whose certifier has no
-``arithmetic`` option: its one row is labelled ``legacy``.
+``arithmetic`` option: its one row is labelled ``legacy``. The JSON carries a ``provenance`` record
+(``stablenet.bench.provenance``; for an older checkout, this checkout's module names the older one's commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +36,19 @@ try:
     from stablenet.atomic import atomic_write_text
     from stablenet.data.radii import STANDARD_RADII
     from stablenet.workflows.certification import certify_run
-except ImportError:  # a checkout from before the workflows package (the *_before.json files)
+except ImportError:  # a checkout from before the workflows package
     from stablenet.certify.report import STANDARD_RADII
     from stablenet.certify.run import certify_run
     from stablenet.io import atomic_write_text
+try:
+    from stablenet.bench.provenance import provenance
+except ImportError:  # a checkout from before provenance: this checkout's module, loaded by its path
+    _spec = importlib.util.spec_from_file_location(
+        "_provenance", Path(__file__).resolve().parents[1] / "src" / "stablenet" / "bench" / "provenance.py"
+    )
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    provenance = _module.provenance
 
 
 def arithmetics() -> list[str]:
@@ -114,21 +123,14 @@ def main() -> None:
             f"clean {100 * row['clean']:.2f}  certified at {'/'.join(map(str, radii))}: {cert}  "
             f"mean radius {row['mean_radius']:.5f}"
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(stablenet.__file__).parent
-    )
     out = {
+        "provenance": provenance(device="cpu"),
         "run": args.run,
         "dataset": dataset,
         "examples": len(images),
         "repeats": args.repeats,
         "rows": rows,
-        "commit": commit.stdout.strip() or None,
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "command": "python benchmarks/certify_arithmetic.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
     }
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")

@@ -11,12 +11,12 @@ timeout 150 python3 benchmarks/gpu_zoo_check.py --device cuda | tee "$OUT/zoo_ch
 timeout 120 python3 - "$OUT/bench_smoothing_small.jsonl" <<'PY'
 import sys
 
+from stablenet.bench import write_rows
 from stablenet.bench.smoothing import bench_smoothing, default_cases
-from stablenet.bench.spectral import write_rows
 
 rows = bench_smoothing(device="cuda", cases=default_cases(gpu=False))
 for r in rows:
     print(r["model"], r["n"], r["batch_size"], f"{r['samples_per_s']:.4g}", f"{r['plain_samples_per_s']:.4g}",
           f"ratio {r['ratio']:.3f}")
-write_rows(rows, sys.argv[1])
+write_rows(rows, sys.argv[1], command="bash benchmarks/gpu_recheck.sh (bench_smoothing, small cases)")
 PY

@@ -38,8 +38,8 @@ import sys
 
 import torch
 
+from stablenet.bench import write_rows
 from stablenet.bench.smoothing import bench_smoothing, default_cases
-from stablenet.bench.spectral import write_rows
 from stablenet.smoothing import sampling
 
 x = torch.rand(30, 1, 28, 28, device="cuda")
@@ -52,6 +52,6 @@ sampling.GPU_CHUNK_BYTES = 0
 rows = bench_smoothing(device="cuda", cases=default_cases(gpu=False))
 for r in rows:
     print("unchunked", r["model"], f"ratio {r['ratio']:.3f}", f"noise bound {r['noise_bound']:.3f}")
-write_rows(rows, sys.argv[1])
+write_rows(rows, sys.argv[1], command="bash benchmarks/gpu_session.sh (bench_smoothing, GPU_CHUNK_BYTES = 0)")
 PY
 section "done"

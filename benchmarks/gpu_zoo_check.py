@@ -15,12 +15,14 @@ Usage: PYTHONPATH=src python3 benchmarks/gpu_zoo_check.py [--device cuda]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
 from torch import nn
 
 import stablenet.nn as snn
+from stablenet.bench.provenance import provenance
 from stablenet.nn import LAYER_ROUNDING_SLACK
 from stablenet.nn.cuda_graphs import capturable
 from stablenet.precision import ieee_float32
@@ -88,6 +90,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     device = torch.device(args.device)
+    print("provenance:", json.dumps(provenance(device=device)), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     limit = 1.0 + LAYER_ROUNDING_SLACK

@@ -2,7 +2,8 @@
 # One device run for issue 4 (the layer zoo on a GPU), each section under its own time limit:
 #   1. benchmarks/gpu_zoo_check.py: every layer's measured Lipschitz constant with TF32 on, and CUDA-graphed
 #      training (stablenet.nn.capture_weight_maps) against eager training;
-#   2. `stablenet bench layers` three times (medians of the three runs go in the notes);
+#   2. `stablenet bench layers` three times, merged into bench_layers_graphs.jsonl (benchmarks/merge_runs.py: each
+#      row with its run index; benchmarks/tables.py reports the median of the three);
 #   3. spectral layers with a fixed Gram step count (capturable), and the ResNet-18 bound of issue 3;
 #   4. benchmarks/zoo_profile.py: where sll_s's bf16 step spends its GPU time.
 # On the device tool: run(command="bash benchmarks/gpu_zoo_session.sh", timeout_s=...); no data needed.
@@ -22,6 +23,8 @@ for i in 1 2 3; do
   timeout "${LAYERS_S:-150}" $PY -m stablenet.cli bench layers --device cuda --json "$OUT/bench_layers_run$i.jsonl" \
     || echo "bench layers $i: exit $?"
 done
+$PY benchmarks/merge_runs.py "$OUT/bench_layers_graphs.jsonl" "$OUT"/bench_layers_run{1,2,3}.jsonl \
+  && rm "$OUT"/bench_layers_run{1,2,3}.jsonl || echo "merge runs: exit $?"
 section "bench layers: spectral layers with 6 fixed Gram steps (eager and CUDA graphs)"
 timeout 120 $PY -m stablenet.cli bench layers --device cuda --families spectral --spectral-n-iter 6 \
   --json "$OUT/bench_layers_spectral_fixed.jsonl" || echo "spectral fixed: exit $?"

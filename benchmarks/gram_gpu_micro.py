@@ -12,11 +12,13 @@ Then a CUDA-kernel profile of ``gram_iteration_max`` on the 512-channel and 64-c
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
 
+from stablenet.bench.provenance import provenance
 from stablenet.bench.spectral import RESNET18_CONVS, _kernel
 from stablenet.spectral.conv import _Conv, _embedding_size, _half_spectrum
 from stablenet.spectral.dense import gram_iteration
@@ -94,6 +96,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     device = torch.device(args.device)
+    print("provenance:", json.dumps(provenance(device=device)))
     picks = {"layer1.0": 1, "layer2.0": 6, "layer3.0": 11, "layer4.0": 16, "layer4.0.downsample": 19}
     for name, i in picks.items():
         measure(name, spectrum(i, device), device)

@@ -20,12 +20,14 @@ Prints one line per layer and the totals; nothing is certified here (a design st
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
 import numpy as np
 import torch
 
+from stablenet.bench.provenance import provenance
 from stablenet.bench.spectral import RESNET18_CONVS, resnet18_kernels
 from stablenet.spectral.conv import _circular_matrices, _Conv, _embedding_size
 from stablenet.spectral.dense import gram_iteration
@@ -68,6 +70,7 @@ def _chebyshev_sizes(a: torch.Tensor, delta: float, power_steps: int, tol: float
 def main() -> None:
     delta = float(sys.argv[1]) if len(sys.argv) > 1 else 0.03
     power_steps = 20
+    print("provenance:", json.dumps(provenance(device="cpu")))
     print(f"torch {torch.__version__}; chebyshev delta={delta}, {power_steps} power steps")
     totals = {"gram": 0.0, "oracle": 0.0, "chebyshev": 0.0}
     for shape, kernel in zip(RESNET18_CONVS, resnet18_kernels("cpu"), strict=True):

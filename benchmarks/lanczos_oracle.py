@@ -14,12 +14,14 @@ Usage: PYTHONPATH=src python benchmarks/lanczos_oracle.py [STEPS] [random|mnist]
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
 from torch.nn import functional
 
 from stablenet.bench.curvature import _REFERENCE_TOL, _data, _mnist, _seeded, _train_briefly, default_sizes
+from stablenet.bench.provenance import provenance
 from stablenet.curvature import Hessian
 from stablenet.curvature.hessian import STARTS
 from stablenet.curvature.lanczos import _error_estimate, _lanczos_steps, lanczos_eigsh, tridiagonal_eigh
@@ -29,6 +31,7 @@ TOL = 1e-3
 
 
 def main(steps: int = 16, data: str = "random", seed: int = 0) -> None:
+    print("provenance:", json.dumps(provenance(device="cpu")))
     sizes = default_sizes()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

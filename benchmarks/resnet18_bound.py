@@ -8,20 +8,21 @@
 Each repeat runs every method once (in the given order) after one warm-up of each, so a noisy machine slows
 them alike; the JSON holds every run, the median per method, and the ratio of medians to the first method.
 ``--memory`` adds, per method, one untimed run on a CPU that measures the peak bytes held by the allocator (the
-timed CUDA runs record theirs), and the number of lockstep rounds that read checks back to the host.
+timed CUDA runs record theirs), and the number of lockstep rounds that read checks back to the host. The JSON
+carries a ``provenance`` record (``stablenet.bench.provenance``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 
 import torch
 
 import stablenet.spectral.lockstep as lockstep
 from stablenet.atomic import atomic_write_text
+from stablenet.bench.provenance import provenance
 from stablenet.bench.spectral import cpu_peak_bytes, resnet18_bound_time, resnet18_kernels
 
 
@@ -67,6 +68,7 @@ def main() -> None:
         except ValueError:
             parser.error(f"--budget takes a number of bytes (e.g. 1.5e9) or 'none'; got {args.budget!r}")
     if args.profile:
+        print("provenance:", json.dumps(provenance(device=args.device)))
         resnet18_bound_time(args.device, args.profile, **budget)  # warm-up
         kernels = resnet18_kernels(args.device)  # drawn outside the profile
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -110,9 +112,8 @@ def main() -> None:
         print(f"{method:10s} peak memory {run.get('peak_mem_mb') or 0:.0f} MiB, {rounds} checked lockstep rounds")
     if args.json:
         summary = {
-            "machine": platform.processor() or platform.machine(),
+            "provenance": provenance(device=args.device),
             "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
             "median_ms": medians,
             "speedup_vs_" + base: {m: medians[base] / medians[m] for m in methods},
             "max_memory_bytes": budget.get("max_memory_bytes", getattr(lockstep, "LOCKSTEP_MEMORY_BYTES", None)),

@@ -9,10 +9,13 @@ embedding sizes (1625 x 64 x 64, 421 x 128 x 128, 113 x 256 x 256). Median of 7 
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
 import torch
+
+from stablenet.bench.provenance import provenance
 
 
 def median_ms(fn, repeats: int = 7) -> float:
@@ -26,6 +29,7 @@ def median_ms(fn, repeats: int = 7) -> float:
 
 
 def main() -> None:
+    print("provenance:", json.dumps(provenance(device="cpu")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'frequencies x c x c':>22s} {'MB':>6s} {'fresh output ms':>16s} {'reused output ms':>17s}")
     for freqs, c in ((1625, 64), (421, 128), (113, 256)):

@@ -12,6 +12,7 @@ Usage: PYTHONPATH=src python benchmarks/zoo_micro.py
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import stablenet.nn as snn
+from stablenet.bench.provenance import provenance
 from stablenet.models import create_model
 from stablenet.spectral.rescaling import conv_gram_kernel
 
@@ -51,6 +53,7 @@ def conv_gram_reference(kernel: Tensor) -> Tensor:
 
 
 def main() -> None:
+    print("provenance:", json.dumps(provenance(device="cpu")))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = create_model("lipconvnet", 10, 1, (28, 28)).eval()

@@ -10,6 +10,7 @@ Usage: PYTHONPATH=src python3 benchmarks/zoo_profile.py [--device cuda] [--rows 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import stablenet.nn as snn
 from stablenet.bench.layers import _step_fn
+from stablenet.bench.provenance import provenance
 from stablenet.models import create_model
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
     device = torch.device(args.device)
+    print("provenance:", json.dumps(provenance(device=device)))
     torch.manual_seed(0)
     model = create_model("sll_s", 10, 3, 32).to(device).train()
     x = torch.rand(512, 3, 32, 32, device=device)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import statistics
 import time
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from stablenet.bench.baselines import araujo_bound, reshaped_kernel_norm, singla_feizi_bound
+from stablenet.bench.provenance import write_rows  # defined here before provenance existed; still public here
 from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound, conv_spectral_norm_upper_bounds
 
 __all__ = [
@@ -262,10 +262,3 @@ HEADER = f"{'layer':44s} {'method':32s} {'ratio':>9s} {'time_ms':>10s}"
 def format_row(row: dict) -> str:
     """One row as a table line under :data:`HEADER`."""
     return f"{row['layer']:44s} {row['method']:32s} {row['ratio']:9.5f} {row['time_ms']:10.2f}"
-
-
-def write_rows(rows: list[dict], path: str) -> None:
-    """The rows of any suite as a JSON Lines file, written atomically."""
-    from stablenet.atomic import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stablenet.bench.spectral import write_rows
+from stablenet.bench.provenance import write_rows
 from stablenet.bench.suites import SUITES, format_table, run_suite
 from stablenet.cli.command import Command, comma_separated, option, pick, quiet_option
 from stablenet.train.trainer import resolve_device

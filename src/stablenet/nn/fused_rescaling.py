@@ -5,7 +5,7 @@ The reference rescalings (``aol_conv_rescaling``, ``sll_rescaling`` with ``conv_
 ``stablenet.spectral.rescaling`` and ``stablenet.nn.sll``) are compositions of many small torch operations, each
 recorded by autograd. Their arithmetic is tiny (a Gram kernel of a 3x3 kernel), so on a GPU a training step of a
 64-channel layer spent more time dispatching and launching them than convolving (H200: AOL 2.3x a plain
-convolution's step, ``benchmarks/results/README.md``). Here each rescaling is one ``torch.autograd.Function``
+convolution's step, ``benchmarks/README.md``). Here each rescaling is one ``torch.autograd.Function``
 whose forward and hand-derived backward run a few dozen unrecorded operations, in float64 with autocast off
 (Note [constraint precision] in ``stablenet.nn.base``). The references stay the specification: values and
 gradients are tested equal in float64 (``tests/nn/test_fused_rescaling.py``).

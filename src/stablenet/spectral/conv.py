@@ -265,7 +265,7 @@ def _circular_matrices(kernel5: Tensor, size: tuple[int, int]) -> Tensor:
 # so sigma_1(K(w))^2 <= ||G_computed(w)||_2 + err <= b^2 + err for the Gram iteration's upper bound b on the square
 # root of ||G_computed(w)||_2: the result is scale * sqrt(b^2 + err), times 1 + GRAM_ROUNDING_SLACK for the
 # iteration's own rounding, as before. Against the FFT start, the ResNet-18 bounds rose by 7e-13 to 6e-11
-# (relative; benchmarks/results/README.md). The half spectrum is the deduplicated one of the Cholesky path
+# (relative; benchmarks/README.md). The half spectrum is the deduplicated one of the Cholesky path
 # (one frequency of each conjugate pair, one per axis where the kernel has one tap).
 
 
@@ -337,7 +337,7 @@ def circular_norm_bound(
       of exact, its rounding bounded), with the gradient of :math:`\sigma_1(\hat K(\omega^*))` at the frequency
       :math:`\omega^*` that set its level (Note [gradient at the top frequency]);
     * ``"auto"``: ``"cholesky"`` for float64 kernels on a CPU with ``n_iter=None``: it made the CPU training
-      step of a 128-channel spectral layer at 32x32 six times faster (``benchmarks/results/README.md``);
+      step of a 128-channel spectral layer at 32x32 six times faster (``benchmarks/README.md``);
       ``"gram"`` otherwise (batched Cholesky factorisations are slow on GPUs, see
       :func:`conv_spectral_norm_upper_bound`). The two values differ by at most about ``1e-4`` (relative).
 
