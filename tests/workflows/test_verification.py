@@ -368,7 +368,7 @@ def test_grid_records_are_checked_with_grid_noise_at_grid_points(method, fields)
 
 
 def test_adversarial_points_are_moved_onto_the_grid_inside_the_box_and_the_ball():
-    from stablenet.workflows.verification import _onto_grid
+    from stablenet.certify.smoothed_attack import onto_grid as _onto_grid
 
     gen = torch.Generator().manual_seed(0)
     steps = torch.randint(0, 17, (64, 1, 4, 4), generator=gen)
