@@ -61,6 +61,17 @@ def test_all_lists_exactly_the_public_names():
         "DatasetInfo",
         "DeviceLoader",
         "STANDARD_RADII",
+        "ArrayDataset",
+        "ImageFolderDataset",
+        "ImageTarDataset",
+        "ShardedBatchSampler",
+        "StreamingLoader",
+        "STREAMING_MODES",
+        "decoded_bytes",
+        "loader_throughput",
+        "memory_budget",
+        "streaming_dataset",
+        "use_streaming",
     }
 
 

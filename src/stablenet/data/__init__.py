@@ -1,4 +1,4 @@
-"""Image data sets by name and a device-resident batch pipeline.
+"""Image data sets by name, and batches from them: held whole on the device, or streamed from files.
 
 * :func:`load_dataset` (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` and any
   :func:`register_dataset` adds) returns float32 images in ``[0, 1]`` and int64 labels; files are found under
@@ -7,6 +7,9 @@
 * :func:`dataset_info` gives classes, shape and normalisation statistics without loading anything.
 * :data:`STANDARD_RADII`: the l2 radii certified accuracy is reported at, per data set.
 * :class:`DeviceLoader` yields shuffled, augmented batches from a data set held whole on one device.
+* :class:`StreamingLoader` yields the same batches from a data set decoded on demand by worker processes
+  (:func:`streaming_dataset`, :class:`ImageFolderDataset`, :class:`ImageTarDataset`, :class:`ArrayDataset`),
+  sharded across ranks; :func:`use_streaming` chooses between the two by the decoded size.
 
 Example:
     >>> from stablenet.data import DeviceLoader, load_dataset
@@ -27,15 +30,29 @@ from stablenet.data.datasets import (
     register_dataset,
 )
 from stablenet.data.loader import DeviceLoader
+from stablenet.data.ondemand import ArrayDataset, ImageFolderDataset, ImageTarDataset, streaming_dataset
 from stablenet.data.radii import STANDARD_RADII
+from stablenet.data.sizing import STREAMING_MODES, decoded_bytes, loader_throughput, memory_budget, use_streaming
+from stablenet.data.streaming import ShardedBatchSampler, StreamingLoader
 
 __all__ = [
     "STANDARD_RADII",
+    "STREAMING_MODES",
+    "ArrayDataset",
     "DatasetInfo",
     "DeviceLoader",
     "ImageData",
+    "ImageFolderDataset",
+    "ImageTarDataset",
+    "ShardedBatchSampler",
+    "StreamingLoader",
     "dataset_info",
+    "decoded_bytes",
     "list_datasets",
     "load_dataset",
+    "loader_throughput",
+    "memory_budget",
     "register_dataset",
+    "streaming_dataset",
+    "use_streaming",
 ]
