@@ -6,8 +6,13 @@ import contextlib
 import copy
 import functools
 import gc
+import os
+import shutil
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -574,6 +579,53 @@ def test_real_ddp_single_process(tmp_path):
         # its destructor can join gloo threads that no longer run (a hang seen in about one full run in five).
         gc.collect()
         dist.destroy_process_group()
+
+
+TWO_RANK_SCRIPT = """
+import copy
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from stablenet.curvature.sam import SAM, sam_step
+
+dist.init_process_group("gloo")
+rank, rho, lr = dist.get_rank(), 0.1, 0.1
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3).double()
+x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+start = copy.deepcopy(model)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+opt = SAM(ddp.parameters(), torch.optim.SGD, rho=rho, lr=lr)
+sam_step(ddp, opt, lambda: F.cross_entropy(ddp(x[rank::2]), y[rank::2]))
+
+# By hand: each rank's ascent along its own half's gradient, the descent along the mean of the two halves'
+# gradients at their own perturbed points (Foret et al.'s m-sharpness with m = 4).
+def grad(params, half):
+    w, b = (p.detach().requires_grad_() for p in params)
+    return torch.autograd.grad(F.cross_entropy(F.linear(x[half::2], w, b), y[half::2]), (w, b))
+
+w0 = [p.detach() for p in start.parameters()]
+descent = [torch.zeros_like(p) for p in w0]
+for half in range(2):
+    g = grad(w0, half)
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    at = [p + rho * gi / norm for p, gi in zip(w0, g)]
+    descent = [d + gi / 2 for d, gi in zip(descent, grad(at, half))]
+for p, p0, d in zip(model.parameters(), w0, descent):
+    torch.testing.assert_close(p.detach(), p0 - lr * d, rtol=0, atol=1e-12)
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_ddp_sam_is_m_sharpness_by_hand(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists() or not torch.distributed.is_available():
+        pytest.skip("torchrun is not installed")
+    (tmp_path / "two_ranks.py").write_text(TWO_RANK_SCRIPT)
+    args = [torchrun, "--standalone", "--nproc_per_node", "2", str(tmp_path / "two_ranks.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def train_command(args: TrainArgs) -> int:
         config_path = Path(str(overrides["out"])) / CONFIG_FILE
     config = load_config(config_path, overrides)
     result = train(config, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("epoch", "lr", "time_s"))
     print(f"trained {config.model} on {config.dataset}: {summary}")

@@ -17,7 +17,10 @@ from typing import Any
 
 import yaml
 
+from stablenet.data.sizing import STREAMING_MODES
+from stablenet.train.losses import list_losses
 from stablenet.train.optimizers import list_optimizers
+from stablenet.train.schedules import list_schedules
 
 __all__ = ["TrainConfig", "apply_overrides", "load_config", "parse_override_args"]
 
@@ -37,10 +40,35 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # Learning-rate schedule by name (stablenet.train.schedules): constant, cosine (with warmup_epochs of linear
+    # warm-up), onecycle (rising for onecycle_pct_start of the run), step (times lr_gamma every lr_step_epochs).
     schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    onecycle_pct_start: float = 0.3
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.1
+    # lr is the rate at reference_batch_size; "linear" or "sqrt" scale it to batch_size (the global batch).
+    lr_scaling: str = "none"
+    reference_batch_size: int = 128
+    # Loss by name (stablenet.train.losses): ce, offset_ce, hinge, kr, hkr. Margin losses take their margin from
+    # target_radius (the certified radius to aim for; the margin the certificate needs there) or, without it,
+    # from loss_offset; loss_temperature goes to the losses that take one; loss_options holds the rest (alpha...).
     loss: str = "offset_ce"
     loss_offset: float = 0.7071
     loss_temperature: float = 0.25
+    target_radius: float | None = None
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    # Exponential moving average of the weights (0: off); the averaged weights are evaluated, certified and saved.
+    ema_decay: float = 0.0
+    # Clip the gradient's global l2 norm to this value (0: off).
+    grad_clip_norm: float = 0.0
+    # Stream the data from its files with DataLoader workers (True), hold it on the device (False), or choose by
+    # its decoded size ("auto": stream when it exceeds a quarter of the device's memory; stablenet.data.sizing).
+    data_streaming: bool | str = "auto"
+    num_workers: int = 2
+    # Plan the run to end within this many minutes (0: off): a short pilot times the steps, then the number of
+    # epochs and the schedule's length are fixed (stablenet.train.budget); epochs is then ignored.
+    time_budget: float = 0.0
     crop_padding: int = 0
     flip: bool = False
     # Gaussian noise augmentation for randomized smoothing (Cohen et al.): train at the certification sigma.
@@ -59,6 +87,17 @@ class TrainConfig:
     # On a GPU, run the layers' weight maps as CUDA graphs (stablenet.nn.capture_weight_maps): same values, less
     # launch overhead. Not with regularizers that differentiate gradients (only activation_decay is accepted).
     cuda_graphs: bool = False
+    # Arithmetic of the forward and the loss: "fp32", or "bf16" autocast (the layers' constraint math and every
+    # bound stay in float64/float32, so the guarantee is unchanged).
+    precision: str = "fp32"
+    # torch.compile the model (with its parametrizations) for training; the saved weights are the same.
+    compile: bool = False
+    # Keep convolution inputs and weights in channels-last memory format (faster convolutions on some GPUs).
+    channels_last: bool = False
+    # Evaluate (and certify) the test set every this many epochs, and always after the last one.
+    eval_every: int = 1
+    # Written by the trainer, ignored as input: the time budget's plan and the wall time it took.
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -73,14 +112,27 @@ class TrainConfig:
             (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
             (self.sam_rho >= 0, "sam_rho must be >= 0"),
             (self.checkpoint_minutes >= 0, "checkpoint_minutes must be >= 0"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (0 < self.onecycle_pct_start < 1, "onecycle_pct_start must be in (0, 1)"),
+            (self.lr_step_epochs >= 1, "lr_step_epochs must be >= 1"),
+            (self.lr_gamma > 0, "lr_gamma must be > 0"),
+            (self.reference_batch_size >= 1, "reference_batch_size must be >= 1"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.grad_clip_norm >= 0, "grad_clip_norm must be >= 0"),
+            (self.time_budget >= 0, "time_budget must be >= 0"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.target_radius is None or self.target_radius > 0, "target_radius must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message}; got {dataclasses.asdict(self)[message.split()[0]]}")
-        choices = {
-            "optimizer": list_optimizers(),  # the registered names (stablenet.train.optimizers)
-            "schedule": ("constant", "cosine"),
-            "loss": ("ce", "hinge", "offset_ce"),
+        choices = {  # the registered names of stablenet.train.{optimizers, schedules, losses}
+            "optimizer": list_optimizers(),
+            "schedule": list_schedules(),
+            "loss": list_losses(),
+            "precision": ("fp32", "bf16"),
+            "lr_scaling": ("none", "linear", "sqrt"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -92,6 +144,10 @@ class TrainConfig:
                 f"cuda_graphs cannot differentiate gradients, which regularizer(s) {', '.join(second_order)} need; "
                 "accepted with cuda_graphs: activation_decay"
             )
+        if self.data_streaming not in STREAMING_MODES:
+            raise ValueError(f"data_streaming must be one of true, false, auto; got {self.data_streaming!r}")
+        if self.grad_clip_norm > 0 and self.sam_rho > 0:
+            raise ValueError("grad_clip_norm cannot be combined with sam_rho > 0 (SAM steps twice per batch); use one")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {self.device!r}")
 
