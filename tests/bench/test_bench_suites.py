@@ -49,6 +49,28 @@ ROWS = {
             "peak_mem_mb": None,
         }
     ],
+    "train": [
+        {
+            "model": "sll_mlp",
+            "variant": "constrained",
+            "loader": None,
+            "precision": "bf16",
+            "compile": True,
+            "images_per_s": 950.0,
+            "ratio": 0.8,
+            "peak_mem_mb": None,
+        },
+        {
+            "model": "sll_mlp",
+            "variant": "data",
+            "loader": "device",
+            "precision": None,
+            "compile": None,
+            "images_per_s": 1.2e6,
+            "ratio": 1260.0,
+            "peak_mem_mb": None,
+        },
+    ],
 }
 
 
@@ -76,7 +98,9 @@ def test_curvature_rows_are_labelled_by_method_and_start_or_backend():
 @pytest.mark.parametrize(
     ("name", "value", "owner"),
     [
-        ("batch_size", 4, "layers"),
+        ("batch_size", 4, "layers and train suites"),
+        ("model", ("sll_mlp",), "train"),
+        ("data_streaming", True, "train"),
         ("families", ("sll",), "layers"),
         ("bound_method", "gram", "layers"),
         ("spectral_n_iter", 6, "layers"),
@@ -85,14 +109,17 @@ def test_curvature_rows_are_labelled_by_method_and_start_or_backend():
     ],
 )
 def test_an_option_of_another_suite_is_named_with_its_owner(name, value, owner):
+    owners = owner if owner.endswith(" suites") else f"{owner} suite"
     for suite in SUITES:
-        if suite != owner:
-            with pytest.raises(ValueError, match=f"^{name} applies to the {owner} suite only; got it with '{suite}'$"):
+        if suite not in owner.split():
+            with pytest.raises(ValueError, match=f"^{name} applies to the {owners} only; got it with '{suite}'$"):
                 run_suite(suite, quick=True, **{name: value})
 
 
 def test_bad_suite_repeats_and_unknown_option():
-    with pytest.raises(ValueError, match="suite must be one of spectral, smoothing, curvature, layers; got 'gpu'"):
+    with pytest.raises(
+        ValueError, match="suite must be one of spectral, smoothing, curvature, layers, train; got 'gpu'"
+    ):
         run_suite("gpu")
     with pytest.raises(ValueError, match="repeats must be >= 1; got 0"):
         run_suite("spectral", repeats=0)

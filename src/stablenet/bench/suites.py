@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stablenet.bench import curvature, layers, smoothing, spectral
+from stablenet.bench import curvature, layers, smoothing, spectral, train
 
 __all__ = ["SUITES", "Suite", "format_table", "run_suite"]
 
@@ -45,6 +45,9 @@ SUITES: dict[str, Suite] = {
         layers.HEADER,
         layers.format_row,
         ("batch_size", "families", "bound_method", "spectral_n_iter"),
+    ),
+    "train": Suite(
+        train.bench_train, train.HEADER, train.format_row, ("model", "batch_size", "data_streaming", "data_root")
     ),
 }
 
@@ -79,7 +82,8 @@ def run_suite(
             if not owners:
                 accepted = sorted({o for s in SUITES.values() for o in s.options})
                 raise ValueError(f"unknown benchmark option {key!r}; accepted: {', '.join(accepted)}")
-            raise ValueError(f"{key} applies to the {owners[0]} suite only; got it with {name!r}")
+            suites = f"{' and '.join(owners)} suite{'s' if len(owners) > 1 else ''}"
+            raise ValueError(f"{key} applies to the {suites} only; got it with {name!r}")
     return suite.run(quick=quick, device=device, repeats=repeats, progress=progress, **given)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from stablenet.bench.provenance import write_rows
 from stablenet.bench.suites import SUITES, format_table, run_suite
-from stablenet.cli.command import Command, comma_separated, option, pick, quiet_option
+from stablenet.cli.command import DATA_ROOT_HELP, Command, comma_separated, option, pick, quiet_option
 from stablenet.train.trainer import resolve_device
 
 __all__ = ["COMMANDS", "BenchArgs", "bench_command"]
@@ -20,7 +20,10 @@ class BenchArgs:
     quick: bool = option(False, help="a subset of layers, one repeat")
     device: str = option("cpu", help="cpu, cuda, cuda:N")
     repeats: int | None = option(None, help="timed repeats per measurement (median reported)")
-    batch_size: int | None = option(None, help="layers suite only: batch size (default 256)")
+    batch_size: int | None = option(
+        None,
+        help="layers and train suites: batch size (default: layers 256; train: per model, see stablenet.bench.train)",
+    )
     data: str | None = option(
         None, help="curvature suite only: random (default, no download) or mnist (lenet trained briefly, test images)"
     )
@@ -43,6 +46,15 @@ class BenchArgs:
         help="layers suite only: fixed Gram steps of the spectral layers (default: adaptive; fixed ones capture as "
         "CUDA graphs)",
     )
+    model: tuple[str, ...] | None = option(
+        None,
+        parse=comma_separated,
+        help="train suite only: comma-separated models (default: sll_mlp,lipconvnet on a CPU, sll_s on CUDA)",
+    )
+    data_streaming: bool = option(
+        False, help="train suite only: also measure the streaming loader over the data set's files"
+    )
+    data_root: str | None = option(None, help="train suite only, with --data-streaming: " + DATA_ROOT_HELP)
     json: str | None = option(None, help="write the rows to this JSON Lines file")
     quiet: bool = quiet_option()
 
@@ -54,7 +66,9 @@ def bench_command(args: BenchArgs) -> int:
         device=resolve_device(args.device),
         repeats=args.repeats,
         progress=None if args.quiet else lambda line: print(line, flush=True),
-        **pick(args, "batch_size", "data", "families", "methods", "bound_method", "spectral_n_iter"),
+        **pick(args, "batch_size", "data", "families", "methods", "bound_method", "spectral_n_iter", "model"),
+        data_streaming=args.data_streaming or None,  # None: not given, so not passed (run_suite)
+        data_root=args.data_root,
     )
     print(format_table(args.suite, rows))
     if args.json:
