@@ -538,6 +538,47 @@ def layers_cpu_other() -> str:
     return _cpu_layers(["cpu/bench_layers.jsonl"], ("orthogonal", "sll_s"))
 
 
+# Training throughput.
+
+
+def _train_throughput(paths: Iterable[str]) -> str:
+    steps, loaders = [], []
+    for path in paths:
+        by_key: dict[tuple, dict[str, dict]] = {}
+        for row in rows(path):
+            if row["variant"] == "data":
+                what = "in memory, random images" if row["loader"] == "device" else f"streamed {row['data']} files"
+                loaders.append(
+                    (row["model"], row["batch_size"], what, f"{row['images_per_s']:.3g}", f"{row['ratio']:.1f}")
+                )
+                continue
+            key = (row["model"], row["batch_size"], row["precision"], row["compile"])
+            by_key.setdefault(key, {})[row["variant"]] = row
+        for (model, batch, precision, compiled), pair in by_key.items():
+            ours, plain = pair["constrained"]["images_per_s"], pair["plain"]["images_per_s"]
+            steps.append(
+                (
+                    model,
+                    batch,
+                    precision,
+                    "yes" if compiled else "no",
+                    f"{ours:.0f}",
+                    f"{plain:.0f}",
+                    f"{plain / ours:.2f}",
+                )
+            )
+    header = ("model", "batch", "precision", "compile", "images/s", "plain twin images/s", "time ×plain")
+    loader_header = ("model", "batch", "data pipeline alone", "images/s", "× the model's best training images/s")
+    return (
+        sources(*paths) + "\n" + markdown(header, steps, "lrllrrr") + "\n" + markdown(loader_header, loaders, "lrlrr")
+    )
+
+
+@table("train-cpu")
+def train_cpu() -> str:
+    return _train_throughput(["cpu/bench_train.jsonl", "cpu/bench_train_b2048.jsonl"])
+
+
 # The README.
 
 MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)

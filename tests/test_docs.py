@@ -56,6 +56,8 @@ def test_pages_exist():
 #: example's registration does not leak into the rest of the test session.
 REGISTRIES = [
     ("stablenet.train.optimizers", "_OPTIMIZERS"),
+    ("stablenet.train.losses.registry", "_LOSSES"),
+    ("stablenet.train.schedules", "_SCHEDULES"),
     ("stablenet.workflows.certifiers", "_CERTIFIERS"),
     ("stablenet.nn.families", "_FAMILIES"),
     ("stablenet.spectral.network", "_RULES"),

@@ -108,7 +108,7 @@ def test_cli_rejects_bad_repeats(capsys):
     "suite,size,message",
     [
         ("layers", "0", "batch_size must be >= 1; got 0"),
-        ("spectral", "4", "batch_size applies to the layers suite only; got it with 'spectral'"),
+        ("spectral", "4", "batch_size applies to the layers and train suites only; got it with 'spectral'"),
     ],
 )
 def test_cli_rejects_bad_batch_size(capsys, suite, size, message):

@@ -8,6 +8,7 @@ weights of the 2-process run must be within 1e-5 (absolute, per weight) of the s
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -81,7 +82,8 @@ def test_two_ranks_train_the_weights_of_one_process(tmp_path, single_run):
     assert len(lines) == 3  # rank 0 alone wrote it: a header and two epochs
     # metrics reduced over the ranks: the same accuracies as one process
     single_acc = [round(r["test_acc"], 6) for r in single_run.metrics]
-    assert [round(float(line.split(",")[3]), 6) for line in lines[1:]] == single_acc
+    rows = list(csv.DictReader(lines))
+    assert [round(float(row["test_acc"]), 6) for row in rows] == single_acc
 
 
 REGULARIZERS = "[{name: gradient_norm, weight: 0.01}, {name: activation_decay, weight: 0.01}]"
