@@ -523,3 +523,28 @@ def test_convolutions_are_bounded_in_one_call_with_the_same_values(monkeypatch):
     }
     for name, value in expected.items():
         assert bounds[name] == value
+
+
+def test_unbounded_modules_lists_every_module_the_walker_cannot_bound():
+    from stablenet.spectral import unbounded_modules
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return x + self.bn(self.conv(x))
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Block(), nn.Sequential(Block(), nn.LayerNorm([2, 4, 4])))
+    assert unbounded_modules(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()), (1, 4, 4)) == []
+    found = unbounded_modules(net.eval(), (1, 4, 4))
+    assert [(m["name"], m["type"], m["reason"]) for m in found] == [
+        ("1", "Block", "no rule for this type"),
+        ("2.0", "Block", "no rule for this type"),
+        ("2.1", "LayerNorm", "no rule for this type"),
+    ]
+    in_training = unbounded_modules(net.train(), (1, 4, 4))  # a BatchNorm in training mode has no fixed map
+    assert ("1.bn", "BatchNorm2d") in [(m["name"], m["type"]) for m in in_training]
+    with pytest.raises(TypeError):  # the walker itself stops at the first of them
+        lipschitz_upper_bound(net.eval(), (1, 4, 4))

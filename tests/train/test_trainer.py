@@ -194,3 +194,12 @@ def test_resumes_a_checkpoint_written_before_step_checkpoints_existed(tmp_path):
     save_training_state(tmp_path / "old", state)
     resumed = train(_config(tmp_path / "old", epochs=2), resume=True, progress=False)
     assert [r["epoch"] for r in resumed.metrics] == [1, 2]
+
+
+def test_a_moved_run_directory_resumes(tmp_path):
+    _kill_after_epoch(tmp_path / "here", {}, 2)
+    (tmp_path / "here").rename(tmp_path / "there")
+    resumed = train(_config(tmp_path / "there"), resume=True, progress=False)
+    full = train(_config(tmp_path / "full"), progress=False)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

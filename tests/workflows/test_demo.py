@@ -24,3 +24,7 @@ def test_summary_states_clean_and_certified_accuracy(trained_digits_run, tmp_pat
     assert cli.main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2] == summary and lines[-1].endswith(f"report: {result.report}")
+    audited = DemoResult(result.run_dir, result.records, result.report, audit=tmp_path / "audit" / "audit.html")
+    monkeypatch.setattr("stablenet.cli.demo.run_demo", lambda out, progress: audited)
+    assert cli.main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"audit (open in a browser): {audited.audit}"

@@ -139,7 +139,7 @@ def test_step_curve_matches_certified_accuracy():
     rng = np.random.default_rng(2)
     records = [rec(i, i % 3, int(rng.integers(3)), float(np.round(rng.uniform(0, 2), 1))) for i in range(40)]
     records.append(rec(40, 0, 0, 0.0))  # a correct, uncertified example: a drop right at 0
-    xs, ys = report_module._step_curve(records, 2.5)
+    xs, ys = report_module.step_curve(records, 2.5)
     assert xs[0] == 0.0 and xs[-1] == 2.5 and np.all(np.diff(xs) >= 0)
     assert ys[0] == pytest.approx(100 * certified_accuracy(records, [0.0])[0])
     # Axes.step(where="post") draws ys[i] on (xs[i], xs[i + 1]).
@@ -244,7 +244,7 @@ def test_auto_radii_round_down():
 
 
 def test_format_radius():
-    fmt = report_module._format_radius
+    fmt = report_module.format_radius
     assert [fmt(r) for r in STANDARD_RADII["cifar10"]] == ["36/255", "72/255", "108/255", "1"]
     assert [fmt(r) for r in (0.25, 0.5, 1.0, 1.58, 0.0)] == ["0.25", "0.5", "1", "1.58", "0"]
 

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from stablenet.cli import bench, certify, curvature, demo, train
+from stablenet.cli import audit, bench, certify, curvature, demo, train
 from stablenet.cli.command import Command, add_command, config_from
 
 __all__ = ["COMMANDS", "main"]
@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 
 #: The subcommands by name, in the order ``stablenet --help`` lists them.
 COMMANDS: dict[str, Command] = {
-    command.name: command for module in (train, certify, curvature, bench, demo) for command in module.COMMANDS
+    command.name: command for module in (train, certify, audit, curvature, bench, demo) for command in module.COMMANDS
 }
 
 

@@ -24,7 +24,11 @@ def demo_command(args: DemoArgs) -> int:
     result = run_demo(args.out, progress=not args.quiet)
     print(demo_summary(result))
     print(f"done in {time.perf_counter() - t0:.1f} s; report: {result.report}")
+    if result.audit is not None:
+        print(f"audit (open in a browser): {result.audit}")
     return 0
 
 
-COMMANDS = (Command("demo", DemoArgs, demo_command, help="train, certify and report on the bundled digits data"),)
+COMMANDS = (
+    Command("demo", DemoArgs, demo_command, help="train, certify, report and audit on the bundled digits data"),
+)

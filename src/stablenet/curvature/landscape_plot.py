@@ -16,12 +16,14 @@ from stablenet.atomic import atomic_write
 from stablenet.curvature.landscape_grid import Landscape
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_landscape_1d", "plot_landscape_contour", "plot_landscape_surface"]
+__all__ = ["mark_weights", "new_figure", "plot_landscape_1d", "plot_landscape_contour", "plot_landscape_surface"]
 
 
-def _figure(figsize: tuple[float, float]) -> Figure:
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib figure on the Agg canvas, of ``figsize`` inches."""
     # Figure + FigureCanvasAgg directly: no pyplot, so no global backend switch and no figure registry.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -39,7 +41,7 @@ def _write_png(fig: Figure, path: str | os.PathLike) -> Path:
 
 def plot_landscape_1d(landscape: Landscape, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Line plot of loss (and accuracy, on a second axis, where defined) against α; written atomically."""
-    fig = _figure((6.4, 4.2))
+    fig = new_figure((6.4, 4.2))
     ax = fig.add_subplot()
     loss = np.asarray(landscape.loss)
     if loss.ndim != 1:
@@ -64,12 +66,20 @@ def _check_2d(landscape: Landscape) -> np.ndarray:
     return loss
 
 
+def mark_weights(ax: Axes, label: str, size: float) -> None:
+    """The trained weights as a star at the origin of a 2-D slice's axes, named and square."""
+    ax.plot([0.0], [0.0], marker="*", color="C3", markersize=size, linestyle="none", label=label)
+    ax.set_xlabel("α (direction 1)")
+    ax.set_ylabel("β (direction 2)")
+    ax.set_aspect("equal", adjustable="box")
+
+
 def plot_landscape_contour(
     landscape: Landscape, path: str | os.PathLike, *, levels: int = 30, title: str | None = None
 ) -> Path:
     """Contour plot of a 2-D slice (the weights marked at the origin); written atomically."""
     loss = _check_2d(landscape)
-    fig = _figure((5.6, 4.8))
+    fig = new_figure((5.6, 4.8))
     ax = fig.add_subplot()
     a, b = np.meshgrid(landscape.alphas, landscape.betas, indexing="ij")
     finite = loss[np.isfinite(loss)]
@@ -77,10 +87,7 @@ def plot_landscape_contour(
         contours = ax.contour(a, b, loss, levels=levels, cmap="viridis", linewidths=0.9)
         ax.clabel(contours, inline=True, fontsize=7, fmt="%.3g")
         fig.colorbar(contours, ax=ax, label="loss")
-    ax.plot([0.0], [0.0], marker="*", color="C3", markersize=9, linestyle="none", label="weights")
-    ax.set_xlabel("α (direction 1)")
-    ax.set_ylabel("β (direction 2)")
-    ax.set_aspect("equal", adjustable="box")
+    mark_weights(ax, "weights", 9)
     ax.set_title(title or "Loss landscape (contours)")
     fig.tight_layout()
     return _write_png(fig, path)
@@ -91,7 +98,7 @@ def plot_landscape_surface(landscape: Landscape, path: str | os.PathLike, *, tit
     from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
     loss = _check_2d(landscape)
-    fig = _figure((6.4, 5.2))
+    fig = new_figure((6.4, 5.2))
     ax = fig.add_subplot(projection="3d")
     a, b = np.meshgrid(landscape.alphas, landscape.betas, indexing="ij")
     ax.plot_surface(a, b, loss, cmap="viridis", linewidth=0, antialiased=True)

@@ -5,7 +5,8 @@
   ``root``, ``$STABLENET_DATA``, ``./data`` or ``~/.cache/stablenet/data`` (see :mod:`stablenet.data.builtin`)
   and decoded once into a uint8 cache under ``$STABLENET_CACHE`` or ``~/.cache/stablenet/cache``.
 * :func:`dataset_info` gives classes, shape and normalisation statistics without loading anything.
-* :data:`STANDARD_RADII`: the l2 radii certified accuracy is reported at, per data set.
+* :data:`STANDARD_RADII`: the l2 radii certified accuracy is reported at, per data set, and
+  :data:`HEADLINE_RADIUS` the one a summary quotes.
 * :class:`DeviceLoader` yields shuffled, augmented batches from a data set held whole on one device.
 * :class:`StreamingLoader` yields the same batches from a data set decoded on demand by worker processes
   (:func:`streaming_dataset`, :class:`ImageFolderDataset`, :class:`ImageTarDataset`, :class:`ArrayDataset`),
@@ -31,11 +32,12 @@ from stablenet.data.datasets import (
 )
 from stablenet.data.loader import DeviceLoader
 from stablenet.data.ondemand import ArrayDataset, ImageFolderDataset, ImageTarDataset, streaming_dataset
-from stablenet.data.radii import STANDARD_RADII
+from stablenet.data.radii import HEADLINE_RADIUS, STANDARD_RADII
 from stablenet.data.sizing import STREAMING_MODES, decoded_bytes, loader_throughput, memory_budget, use_streaming
 from stablenet.data.streaming import ShardedBatchSampler, StreamingLoader
 
 __all__ = [
+    "HEADLINE_RADIUS",
     "STANDARD_RADII",
     "STREAMING_MODES",
     "ArrayDataset",

@@ -27,6 +27,7 @@ from stablenet.spectral.network import (
     lipschitz_lower_bound,
     lipschitz_upper_bound,
     register_lipschitz_rule,
+    unbounded_modules,
 )
 from stablenet.spectral.rescaling import (
     aol_conv_rescaling,
@@ -73,4 +74,5 @@ __all__ = [
     "spectral_norm_upper_bound",
     "sr_conv_rescaling",
     "sr_rescaling",
+    "unbounded_modules",
 ]

@@ -51,6 +51,7 @@ __all__ = [
     "lipschitz_lower_bound",
     "lipschitz_upper_bound",
     "register_lipschitz_rule",
+    "unbounded_modules",
 ]
 
 Shape = tuple[int, ...]
@@ -571,6 +572,75 @@ def lipschitz_bound_tree(model: nn.Module, input_shape: Sequence[int] | None = N
         return _walk(model, "", shapes)
     finally:
         _PREFETCHED.reset(token)
+
+
+def unbounded_modules(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[dict[str, str]]:
+    """Every module that keeps :func:`lipschitz_bound_tree` from bounding ``model``: ``[]`` when it can.
+
+    The walker stops at the first such module; this lists them all, each as ``{"name", "type", "reason"}``
+    (``name`` as in the walker's errors, ``<root>`` for the model itself): leaves whose rule or
+    ``lipschitz_bound()`` fails (a BatchNorm in training mode, an overridden forward), and modules with no rule
+    that are not an ``nn.Sequential``, whose children are then listed too (a rule registered for such a
+    container would still need theirs only if its own rule composes them).
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv = nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return x + self.conv(x)
+        >>> [m["name"] for m in unbounded_modules(nn.Sequential(nn.Linear(4, 4), Block()))]
+        ['1']
+    """
+    shape = None if input_shape is None else _check_input_shape(input_shape)
+    try:
+        lipschitz_bound_tree(model, shape)
+        return []
+    except TypeError:
+        pass
+    except ValueError as e:  # no shape for a shape-dependent rule, or a forward that fails: the model as a whole
+        return [{"name": "<root>", "type": type(model).__name__, "reason": str(e).splitlines()[0]}]
+    try:
+        shapes = _record_input_shapes(model, shape) if shape is not None else None
+    except Exception:
+        shapes = None
+    found: list[dict[str, str]] = []
+
+    def visit(module: nn.Module, name: str) -> None:
+        where = name or "<root>"
+        leaf = callable(getattr(module, "lipschitz_bound", None)) or _rule_type(module) is not None
+        branch_fn = getattr(module, "residual_branch", None)
+        if leaf:
+            try:
+                _walk(module, name, shapes)
+            except (TypeError, ValueError) as e:
+                reason = str(e).splitlines()[0]
+                reason = reason.split(": ", 1)[1] if reason.startswith("cannot bound") and ": " in reason else reason
+                found.append({"name": where, "type": type(module).__name__, "reason": reason.split("; supported")[0]})
+            return
+        if callable(branch_fn):
+            branch = branch_fn()
+            child = next((n for n, m in module._modules.items() if m is branch), "branch")
+            visit(branch, f"{name}.{child}" if name else child)
+            return
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            for child_name, child in module._modules.items():
+                if child is not None:
+                    visit(child, f"{name}.{child_name}" if name else child_name)
+            return
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            reason = "a container without forward; bound the module whose forward uses it"
+        elif isinstance(module, nn.Sequential):
+            reason = "it overrides the forward of Sequential, whose rule then does not apply"
+        else:
+            reason = "no rule for this type"
+        found.append({"name": where, "type": type(module).__name__, "reason": reason})
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return found
 
 
 def layer_lipschitz_bounds(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[tuple[str, float]]:

@@ -89,8 +89,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 # Config keys a resumed run may change: they decide when checkpoints are written, how the same kernels are
-# launched (cuda_graphs, compile), or record the plan, not what is computed.
-_RESUME_IGNORED = frozenset({"checkpoint_minutes", "cuda_graphs", "compile", "plan"})
+# launched (cuda_graphs, compile), record the plan, or say where the run directory is (out: a moved run resumes),
+# not what is computed.
+_RESUME_IGNORED = frozenset({"checkpoint_minutes", "cuda_graphs", "compile", "plan", "out"})
 #: Steps between the ranks' agreements on an in-epoch checkpoint (Note [no host synchronisation]).
 _AGREE_EVERY = 50
 #: Training steps the time-budget pilot times (after two untimed ones).

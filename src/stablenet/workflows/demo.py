@@ -1,4 +1,5 @@
-"""The demo: train ``sll_mlp`` on scikit-learn's bundled digits, certify the test set, write the report.
+"""The demo: train ``sll_mlp`` on scikit-learn's bundled digits, certify the test set, write the report and the
+model's audit (:mod:`stablenet.workflows.audit`, quick settings).
 
 Needs no download. Rerunning it resumes (or reuses) what an earlier, possibly killed, run left behind.
 """
@@ -13,6 +14,7 @@ from stablenet.certify.records import read_records
 from stablenet.train.checkpoint import TRAIN_STATE_FILE
 from stablenet.train.config import TrainConfig
 from stablenet.train.trainer import train
+from stablenet.workflows.audit import AuditSettings, audit_run
 from stablenet.workflows.certification import certify_run
 from stablenet.workflows.report import STANDARD_RADII, certified_accuracy, write_report
 
@@ -41,16 +43,20 @@ class DemoResult:
     run_dir: Path
     records: Path
     report: Path
+    audit: Path | None = None
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True) -> DemoResult:
-    """Train, certify and report under ``out`` (``out/train``, ``out/certify_lipschitz.jsonl``, ``out/report``)."""
+    """Train, certify, report and audit under ``out`` (``out/train``, ``out/certify_lipschitz.jsonl``,
+    ``out/report``, ``out/audit/audit.html``)."""
     out = Path(out)
     config = TrainConfig.from_dict({**DEMO_CONFIG, "out": str(out / "train")})
     result = train(config, resume=(out / "train" / TRAIN_STATE_FILE).exists(), progress=progress)
     records = certify_run(result.run_dir, out / "certify_lipschitz.jsonl", method="lipschitz", progress=progress)
     report = write_report([records], out / "report", names=["sll_mlp (Lipschitz margin)"])
-    return DemoResult(run_dir=result.run_dir, records=records, report=report)
+    # quick settings on the whole digits test split (360 images): a few seconds
+    audit_run(result.run_dir, out / "audit", AuditSettings.for_quick(max_examples=400), progress=progress)
+    return DemoResult(run_dir=result.run_dir, records=records, report=report, audit=out / "audit" / "audit.html")
 
 
 def demo_summary(result: DemoResult) -> str:

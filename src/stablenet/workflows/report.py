@@ -42,6 +42,9 @@ __all__ = [
     "STANDARD_RADII",
     "average_certified_radius",
     "certified_accuracy",
+    "format_radius",
+    "format_time",
+    "step_curve",
     "summarize",
     "write_report",
 ]
@@ -132,7 +135,7 @@ def _auto_radii(records: Iterable[CertificationRecord]) -> tuple[float, ...]:
     return values
 
 
-def _format_radius(r: float) -> str:
+def format_radius(r: float) -> str:
     """Short label for a radius: ``0.5``, ``1.58``, ``36/255`` (CIFAR-style pixel fractions), ``1``."""
     if abs(r - round(r, 2)) < 1e-9:
         return f"{round(r, 2):g}"
@@ -142,7 +145,8 @@ def _format_radius(r: float) -> str:
     return f"{r:.4g}"
 
 
-def _format_time(seconds: float) -> str:
+def format_time(seconds: float) -> str:
+    """``1.23 s``, or ``45.6 ms`` under a second."""
     if seconds >= 1.0:
         return f"{seconds:.2f} s"
     return f"{seconds * 1e3:.3g} ms"
@@ -222,7 +226,7 @@ def _resolve_dataset(paths: Sequence[Path], metas: Sequence[dict[str, Any]], dat
     return dataset
 
 
-def _step_curve(records: Sequence[CertificationRecord], x_max: float) -> tuple[np.ndarray, np.ndarray]:
+def step_curve(records: Sequence[CertificationRecord], x_max: float) -> tuple[np.ndarray, np.ndarray]:
     """Points of CA(r) on [0, x_max] for ``Axes.step(..., where="post")``.
 
     CA is left-continuous: it equals CA(b) up to and including each breakpoint b (a certified radius) and
@@ -254,7 +258,7 @@ def _plot(
     for r in radii:
         ax.axvline(r, color="0.85", linewidth=0.8, linestyle="--", zorder=0)
     for name, records in curves:
-        xs, ys = _step_curve(records, x_max)
+        xs, ys = step_curve(records, x_max)
         ax.step(xs, ys, where="post", label=name, linewidth=1.6)
     ax.set_xlim(0.0, x_max)
     ax.set_ylim(-2.0, 102.0)  # a little slack so curves at 0 % and 100 % stay visible
@@ -339,7 +343,7 @@ def write_report(
     png = _plot(list(zip(display, all_records, strict=True)), chosen, norm_label)
     atomic_write(Path(out_dir) / _PNG_NAME, lambda f: f.write(png))
 
-    labels = [_format_radius(r) for r in chosen]
+    labels = [format_radius(r) for r in chosen]
     header = [
         "name",
         "method",
@@ -371,7 +375,7 @@ def write_report(
             f"{100 * s['clean_accuracy']:.1f}",
             *(f"{100 * a:.1f}" for a in s["certified_accuracy"]),
             f"{s['acr']:.3f}",
-            _format_time(s["mean_time_s"]),
+            format_time(s["mean_time_s"]),
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"![Certified accuracy vs radius]({_PNG_NAME})", "", "Record files:", ""]
