@@ -61,6 +61,7 @@ def test_all_lists_exactly_the_public_names():
         "DatasetInfo",
         "DeviceLoader",
         "STANDARD_RADII",
+        "HEADLINE_RADIUS",
         "ArrayDataset",
         "ImageFolderDataset",
         "ImageTarDataset",

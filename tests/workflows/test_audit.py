@@ -109,6 +109,9 @@ def test_numbers_equal_the_library_on_the_same_examples(audited, tmp_path):
     robust = (correct & ~flipped).double().mean().item()
     assert result["soundness"]["attack"]["robust_accuracy"][at] == pytest.approx(robust, abs=1e-12)
     assert result["summary"]["empirical_robust_accuracy"] == result["soundness"]["attack"]["robust_accuracy"][at]
+    lipschitz_at = result["certificates"]["methods"]["lipschitz"]["certified_accuracy"][at]
+    assert result["summary"]["gap"] == pytest.approx(robust - lipschitz_at, abs=1e-12)  # the model's own certificate
+    assert lipschitz_at <= robust  # sound certificates of the model never exceed what the attack leaves
     # the top Hessian eigenvalue with the same data and seed
     hessian = Hessian(model, nn.functional.cross_entropy, [(data.images[:64], data.labels[:64])])
     values, _ = hessian.eigenvalues(k=1, max_iter=10, tol=1e-3, generator=torch.Generator().manual_seed(0))

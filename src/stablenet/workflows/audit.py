@@ -2,7 +2,8 @@ r"""``stablenet audit``: a trained model's stability from every side, on the sam
 
 The pillars feed each other: the Lipschitz bound gives the margin certificate (and CPM's soft votes), smoothing
 is certified by Cohen et al., LVM-RS and CPM on the same examples, ``verify`` attacks every kind of
-certificate, a PGD attack bounds what any certificate could show, and the loss's curvature sits beside it all.
+certificate, a PGD attack on the model bounds what its own certificate could show, and the loss's curvature sits
+beside it all.
 :func:`audit` writes ``audit.json`` (the numbers, schema ``stablenet-audit/1``), ``audit.md`` and a
 self-contained ``audit.html`` (:mod:`stablenet.workflows.audit_report`).
 
@@ -453,7 +454,9 @@ def _assemble(subject, settings, radii, headline, indices, clean, lip, methods, 
             "best_method": best,
             "best_certified_accuracy": best_acc,
             "empirical_robust_accuracy": robust,
-            "gap": robust - best_acc if best_acc is not None else None,
+            # The attack is on the model: it bounds the model's own (Lipschitz) certificate, not the smoothed
+            # classifier's, which may be more robust than the model.
+            "gap": robust - methods["lipschitz"]["certified_accuracy"][at] if "lipschitz" in methods else None,
             "lipschitz_upper": upper,
             "lipschitz_lower": lower,
             "tightness": lower / upper if upper else None,

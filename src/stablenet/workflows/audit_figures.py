@@ -155,7 +155,7 @@ def certified_accuracy_figure(audit: Mapping[str, Any]) -> bytes | None:
             color="k",
             linestyle="--",
             marker="o",
-            label="PGD attack: upper bound on any certificate",
+            label="PGD on the model: bounds its Lipschitz certificate",
         )
     if headline is not None:
         ax.axvline(headline, color="0.4", linewidth=1.0, linestyle=":", label=f"headline ε={format_radius(headline)}")

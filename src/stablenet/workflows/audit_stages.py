@@ -11,7 +11,8 @@ runs them in order, caches each result in the output folder and assembles the au
   radius and certified accuracy at the standard radii (the definitions of
   :mod:`stablenet.workflows.report`).
 * :func:`attack_stage`: PGD (:func:`~stablenet.certify.attack.pgd_l2`) at each standard radius: the empirical
-  robust accuracy, an upper bound (up to the attack's strength) on what any certificate can show.
+  robust accuracy, an upper bound on what a certificate of the model itself can show (not on smoothing's, which
+  certifies the smoothed classifier).
 * :func:`hessian_stage`, :func:`landscape_stage`: the loss's curvature at the weights.
 """
 
