@@ -579,6 +579,41 @@ def train_cpu() -> str:
     return _train_throughput(["cpu/bench_train.jsonl", "cpu/bench_train_b2048.jsonl"])
 
 
+# Issue 19's result rows (benchmarks/results.py).
+
+
+def _result_rows(machine: str) -> list[str]:
+    folder = RESULTS / machine / "results"
+    return sorted(f"{machine}/results/{p.name}" for p in folder.glob("*.json") if not p.stem.endswith("-fast"))
+
+
+@table("results-cpu")
+def results_cpu() -> str:
+    paths = _result_rows("cpu")
+    if not paths:
+        return "No row has been run yet.\n"
+    body = []
+    for path in paths:
+        row = document(path)
+        budget = f"{row['time_budget_min']:g} min" if row["time_budget_min"] else "–"
+        for method, values in row["methods"].items():
+            cells = " / ".join(f"{100 * a:.1f}" for a in values["certified"].values())
+            body.append(
+                (
+                    f"`{row['row']}`" + (f" ({row['note']})" if row["note"] else ""),
+                    method,
+                    f"{100 * values['clean']:.1f}",
+                    f"{cells} (ε = {' / '.join(values['certified'])})",
+                    values["examples"],
+                    row["epochs"],
+                    budget,
+                    f"{row['train_wall_s'] / 60:.1f} min",
+                )
+            )
+    header = ("row", "method", "clean %", "certified %", "test images", "epochs", "budget", "training wall time")
+    return sources(*paths) + "\n" + markdown(header, body, "llrlrrrr")
+
+
 # The README.
 
 MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
