@@ -587,6 +587,12 @@ def _result_rows(machine: str) -> list[str]:
     return sorted(f"{machine}/results/{p.name}" for p in folder.glob("*.json") if not p.stem.endswith("-fast"))
 
 
+def _radius_value(label: str) -> float:
+    """``"36/255"`` or ``"1.58"`` as a number (the JSON keys are sorted as text)."""
+    top, _, bottom = label.partition("/")
+    return float(top) / float(bottom or 1)
+
+
 @table("results-cpu")
 def results_cpu() -> str:
     paths = _result_rows("cpu")
@@ -597,13 +603,14 @@ def results_cpu() -> str:
         row = document(path)
         budget = f"{row['time_budget_min']:g} min" if row["time_budget_min"] else "–"
         for method, values in row["methods"].items():
-            cells = " / ".join(f"{100 * a:.1f}" for a in values["certified"].values())
+            certified = sorted(values["certified"].items(), key=lambda item: _radius_value(item[0]))
+            cells = " / ".join(f"{100 * a:.1f}" for _, a in certified)
             body.append(
                 (
                     f"`{row['row']}`" + (f" ({row['note']})" if row["note"] else ""),
                     method,
                     f"{100 * values['clean']:.1f}",
-                    f"{cells} (ε = {' / '.join(values['certified'])})",
+                    f"{cells} (ε = {' / '.join(r for r, _ in certified)})",
                     values["examples"],
                     row["epochs"],
                     budget,
