@@ -73,7 +73,7 @@ from stablenet.data import DeviceLoader, StreamingLoader, dataset_info, loader_t
 from stablenet.models import create_model, list_models
 from stablenet.nn import LinearNormalized, export_model, layer_family, list_layer_families
 from stablenet.train.config import TrainConfig
-from stablenet.train.trainer import loss_from_config, optimizer_from_config, precision_context
+from stablenet.train.trainer import account_step, loss_from_config, optimizer_from_config, precision_context
 
 __all__ = [
     "HEADER",
@@ -254,10 +254,7 @@ def trainer_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    loss, logits = loss.detach(), logits.detach()
-    nonfinite |= ~torch.isfinite(loss)
-    correct = (logits.argmax(1) == y).sum()
-    sums += torch.stack([loss.double() * len(y), correct.double(), torch.tensor(len(y), device=y.device)])
+    account_step((loss.detach(), logits.detach(), y), sums, nonfinite)
 
 
 # ------------------------------------------------------------------------------------------- timing

@@ -79,6 +79,7 @@ __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
     "TrainResult",
+    "account_step",
     "evaluate",
     "loss_from_config",
     "optimizer_from_config",
@@ -502,7 +503,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             size = min(config.batch_size, data.n_train - i * config.batch_size)  # the global batch
-            _account(step(net, optimizer, (x_batch, y_batch, noise_gen, size), live=True), sums, nonfinite)
+            account_step(step(net, optimizer, (x_batch, y_batch, noise_gen, size), live=True), sums, nonfinite)
             bar.update(size)
             due = checkpoint_seconds > 0 and time.monotonic() - last_checkpoint >= checkpoint_seconds
             if context.active:
@@ -563,7 +564,7 @@ def train(
     return TrainResult(run_dir=run_dir, model=model.eval(), metrics=rows)
 
 
-def _account(step_result: tuple, sums: torch.Tensor, nonfinite: torch.Tensor) -> None:
+def account_step(step_result: tuple, sums: torch.Tensor, nonfinite: torch.Tensor) -> None:
     """Add a step's loss sum, correct count and batch size to ``sums`` and flag a non-finite loss, on the device
     (Note [no host synchronisation])."""
     loss, logits, y = step_result
@@ -610,7 +611,7 @@ def _plan(config, model, optimizer, data, step, wrap, radius, context, device, w
     def timed_step(net, opt, batch):  # the loop's work per step: the schedule, the step, the bookkeeping
         for group in opt.param_groups:
             group["lr"] = schedule(0, 1)
-        _account(step(net, opt, batch), sums, nonfinite)
+        account_step(step(net, opt, batch), sums, nonfinite)
 
     def time_evaluation(m):
         return _evaluate(m, data, radius, context, device)
