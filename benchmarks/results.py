@@ -120,6 +120,7 @@ def run_row(
     overrides |= settings or {}
     config = apply_overrides(config, overrides)
     run_dir = Path(config.out)
+    started = provenance(device=device)  # the code that trains and certifies, not the checkout at the end
     t0 = time.perf_counter()
     result = train(config, resume=(run_dir / TRAIN_STATE_FILE).exists(), progress=progress)
     train_s = time.perf_counter() - t0
@@ -169,7 +170,7 @@ def run_row(
         "train_wall_s": last.get("wall_time_s", train_s),
         "test_acc": last.get("test_acc"),
         "methods": methods,
-        "provenance": provenance(device=device),
+        "provenance": started,
     }
     machine = "cpu" if torch.device(device).type == "cpu" else "gpu"
     out_dir = Path(out) if out is not None else ROOT / "benchmarks" / "results" / machine / "results"
