@@ -16,8 +16,8 @@ from torch import nn
 from stablenet.certify.records import ABSTAIN
 from stablenet.smoothing import stats
 from stablenet.smoothing.cohen import Smooth
-from stablenet.smoothing.cpm import CPMSmooth
-from stablenet.smoothing.cpm_radii import cpm_radius
+from stablenet.smoothing.cpm import CPM_TEMPERATURES, CPMSmooth
+from stablenet.smoothing.cpm_radii import cpm_radius, softmax_score_lipschitz
 from stablenet.spectral import lipschitz_upper_bound
 
 
@@ -102,6 +102,75 @@ def test_lipschitz_radius_with_hard_votes_would_be_unsound():
     naive = torch.as_tensor(cpm_radius(result.p_lower.numpy(), result.p_upper.numpy(), sigma, 0.5))
     naive = torch.where(answered, naive, torch.zeros_like(naive))
     assert wrong_certificates(result.prediction, naive, s) > allowed_failures(num_points, alpha)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_temperature_selection_is_sound_at_any_logit_scale(scale):
+    # The same exact boundary as above, with the votes chosen per point among the soft votes at each candidate s
+    # and the hard votes, on logits scaled by odd magnitudes (L from lipschitz_upper_bound of a plain Linear).
+    sigma, alpha, num_points = 0.5, 0.05, 400
+    _, x, s = binary_problem(num_points, d=4, seed=11)
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(4, generator=gen, dtype=torch.float64)
+    w /= w.norm()
+    linear = nn.Linear(4, 2, dtype=torch.float64)
+    with torch.no_grad():  # logits scale * (t, -t), t = <w, x> + 0.2, as binary_problem's model
+        linear.weight.copy_(scale * torch.stack([w, -w]))
+        linear.bias.copy_(scale * torch.tensor([0.2, -0.2]))
+    smooth = CPMSmooth(linear, 2, sigma, input_range=None, input_shape=(4,), temperatures=CPM_TEMPERATURES)
+    assert smooth.lipschitz == pytest.approx(scale * math.sqrt(2), rel=1e-6)
+    result = smooth.certify_detailed(x, n0=32, n=300, alpha=alpha, batch_size=8192, generator=5)
+    assert wrong_certificates(result.prediction, result.radius, s) <= allowed_failures(num_points, alpha)
+    chosen = result.inverse_temperature
+    assert set(chosen.tolist()) <= {math.inf, *CPM_TEMPERATURES}
+    # every radius is the one of its own classifier: score constant s L sqrt(2) / 4, inf for hard votes
+    answered = (result.prediction != ABSTAIN).numpy()
+    for i in np.flatnonzero(answered):
+        s_i = float(chosen[i])
+        ell = softmax_score_lipschitz(smooth.lipschitz, s_i) if math.isfinite(s_i) else math.inf
+        expected = cpm_radius(float(result.p_lower[i]), float(result.p_upper[i]), sigma, ell)
+        assert float(result.radius[i]) == float(expected)
+    # At logits of 1e-3 the soft votes are coin flips whose noise-level leads among 32 selection draws still win
+    # the choice now and then (the point then abstains on the fresh draws): fewer answers, never wrong ones.
+    assert answered.mean() >= (0.75 if scale >= 1 else 0.4)
+
+
+def test_temperature_selection_beats_the_fixed_default_on_a_1_lipschitz_model():
+    # Ten classes, logits = x (a 1-Lipschitz map), the true class ahead of the runner-up by 0.1 to 1. By symmetry
+    # the smoothed classifier (soft votes at any s, or hard votes) is argmax x, constant exactly on the ball of
+    # radius (x_A - x_B) / sqrt(2). CPM's fixed default s = 1 gives nearly uniform votes (softmax of logits that
+    # differ by < 1): it abstains on most points. Choosing the votes per point must certify far more.
+    sigma, alpha, num_points, k = 0.25, 0.001, 200, 10
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(num_points, k, generator=gen, dtype=torch.float64)
+    label = torch.randint(k, (num_points,), generator=gen)
+    runner_up = x.scatter(1, label[:, None], -1.0).max(dim=1).values
+    x[torch.arange(num_points), label] = runner_up + 0.1 + 0.9 * torch.rand(num_points, generator=gen).double()
+    distance = (x[torch.arange(num_points), label] - runner_up) / math.sqrt(2)
+    identity = nn.Identity()
+    fixed = CPMSmooth(identity, k, sigma, lipschitz=1.0, input_range=None)
+    chosen = CPMSmooth(identity, k, sigma, lipschitz=1.0, input_range=None, temperatures=CPM_TEMPERATURES)
+    a = fixed.certify_detailed(x, n0=100, n=5000, alpha=alpha, batch_size=100_000, generator=1)
+    b = chosen.certify_detailed(x, n0=100, n=5000, alpha=alpha, batch_size=100_000, generator=1)
+    for result in (a, b):
+        answered = result.prediction != ABSTAIN
+        wrong = answered & ((result.prediction != label) | (result.radius >= distance))
+        assert int(wrong.sum()) <= allowed_failures(num_points, alpha)
+    assert torch.all(a.inverse_temperature == 1.0)
+    assert len(set(b.inverse_temperature.tolist())) > 1  # the choice depends on the point
+    assert int((b.prediction != ABSTAIN).sum()) > 2 * int((a.prediction != ABSTAIN).sum())
+    assert float(b.radius.mean()) > 2 * float(a.radius.mean())
+
+
+def test_temperature_selection_without_a_bound_is_the_hard_vote_certifier():
+    model, x, _ = binary_problem(30, d=4, seed=3)
+    plain = CPMSmooth(model, 2, 0.5, lipschitz=math.inf, input_range=None)
+    chosen = CPMSmooth(model, 2, 0.5, lipschitz=math.inf, input_range=None, temperatures=(1.0, 4.0))
+    a = plain.certify_detailed(x, n0=10, n=200, alpha=0.01, batch_size=1000, generator=9)
+    b = chosen.certify_detailed(x, n0=10, n=200, alpha=0.01, batch_size=1000, generator=9)
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+    assert torch.all(b.inverse_temperature == math.inf)
 
 
 def test_hard_votes_with_one_bucket_reproduce_cohen():
@@ -199,6 +268,9 @@ def test_certify_shapes_dtypes_determinism_and_mode():
         ({"num_buckets": 1.5}, "num_buckets"),
         ({"num_classes": 1}, "num_classes"),
         ({"inverse_temperature": 0.0}, "inverse_temperature"),
+        ({"temperatures": ()}, "temperatures must be None or finite numbers > 0"),
+        ({"temperatures": (1.0, float("inf"))}, "temperatures must be None or finite numbers > 0"),
+        ({"temperatures": ("hot",)}, "temperatures must be None or finite numbers > 0"),
         ({"input_range": (1.0, 0.0)}, "input_range"),
     ],
 )

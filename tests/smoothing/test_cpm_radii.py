@@ -12,7 +12,7 @@ import torch
 from scipy import stats as sps
 
 from stablenet.smoothing import stats
-from stablenet.smoothing.cpm_radii import cpm_bounds, cpm_radius, softmax_score_lipschitz
+from stablenet.smoothing.cpm_radii import cpm_bounds, cpm_radius, predicted_radius, softmax_score_lipschitz
 
 
 def allowed_failures(trials: int, alpha: float) -> float:
@@ -186,6 +186,35 @@ def test_bucket_bounds_tighten_cohen_and_one_bucket_is_cohen():
     r_many = cpm_radius(many.p_lower, many.p_upper, sigma, math.inf)
     assert np.mean(r_many) > 1.2 * np.mean(r_one)
     assert int(coverage_failures(many, p).sum()) <= allowed_failures(trials, alpha)
+
+
+def test_predicted_radius_is_the_radius_of_the_plugged_in_bounds():
+    # One bucket, hard votes: Clopper-Pearson of the selection frequency scaled to n draws, then Cohen's radius.
+    sel = np.array([[95, 5], [70, 30], [50, 50], [10, 90]])
+    n, alpha, sigma = 10_000, 0.001, 0.5
+    got = predicted_radius(sel, n, alpha, 1, sigma=sigma, lipschitz=math.inf)
+    p = sel[:, 0] / 100  # the top class's frequency, lowered by one standard error; the other one raised
+    p = p - np.sqrt(p * (1 - p) / 100)
+    lower = stats.clopper_pearson_lower(p * n, n, alpha)
+    upper = stats.clopper_pearson_upper((1 - p) * n, n, alpha)
+    expected = 0.5 * sigma * (sps.norm.ppf(lower) - sps.norm.ppf(upper))
+    np.testing.assert_allclose(got[:2], expected[:2], rtol=1e-9)
+    assert got[2] < 0 and got[3] > 0  # no margin: negative; the top class is found wherever it is
+    # a lead of a few votes is noise: not predicted to certify however small the Lipschitz constant
+    assert predicted_radius(np.array([[17, 15]]), n, alpha, 1, sigma=sigma, lipschitz=1e-6)[0] < 0
+    certified = cpm_radius(lower[:2], upper[:2], sigma, math.inf)
+    assert np.all(certified <= got[:2]) and np.allclose(certified, got[:2], rtol=1e-6)
+
+
+def test_predicted_radius_takes_the_best_bucket_count_and_the_lipschitz_gain():
+    sel = np.array([[60, 10, 10, 10, 10], [90, 4, 3, 2, 1]])
+    one = predicted_radius(sel, 100_000, 0.001, 1, sigma=0.5, lipschitz=math.inf)
+    many = predicted_radius(sel, 100_000, 0.001, 4, sigma=0.5, lipschitz=math.inf)
+    assert np.all(many >= one) and many[0] > 1.2 * one[0]
+    soft = predicted_radius(sel, 100_000, 0.001, 4, sigma=0.5, lipschitz=0.1)
+    assert np.all(soft > many)  # a small score Lipschitz constant only adds (cpm_radius is monotone in it)
+    with pytest.raises(ValueError, match="n must be"):
+        predicted_radius(sel, 0, 0.001, 1, sigma=0.5, lipschitz=1.0)
 
 
 # ------------------------------------------------------------------------------------------- checks

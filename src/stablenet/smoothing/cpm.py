@@ -18,6 +18,22 @@ coordinate has gradient :math:`q_c(e_c - q)` of norm :math:`\le \sqrt2\,q_c(1-q_
 scores are :math:`\ell = s L \sqrt2/4`-Lipschitz
 (:func:`~stablenet.smoothing.cpm_radii.softmax_score_lipschitz`). With :math:`L = \infty` (no bound) the classifier
 is Cohen's hard-vote one and :math:`G_0 = \Phi`.
+
+# Note [temperature selection]
+The inverse temperature :math:`s` trades two things: a small :math:`s` gives soft votes with a small score
+constant :math:`\ell = sL\sqrt2/4` (a large Lipschitz gain in the radius) but flat votes (a small
+:math:`p_A`); a large one gives sharp votes and a large :math:`\ell`, and hard votes are the limit
+:math:`s = \infty`, :math:`\ell = \infty` (Cohen's radius). No single :math:`s` suits every input: with
+:math:`s = 1` on a 1-Lipschitz network, whose logits differ by a few units at most, the votes are almost uniform
+and CPM abstains nearly everywhere. With ``temperatures`` set, :class:`CPMSmooth` therefore chooses, per input,
+among the soft votes at each :math:`s` and the hard votes, the candidate whose radius
+:func:`~stablenet.smoothing.cpm_radii.predicted_radius` predicts from the ``n0`` selection draws (every candidate
+votes on the same noisy copies, each with its own Gumbel draws); ties go to the hard votes. The bounds then come
+from ``n`` fresh draws of the chosen candidate alone, which are independent of the choice, so they hold at their
+nominal level conditionally on it (the same argument as LVM-RS's Note [selection and estimation]). The choice is
+returned (``inverse_temperature``, ``inf`` for hard votes) and recorded by certification runs, so that ``verify``
+attacks the classifier that was certified. Including the hard votes means the selection can always fall back on
+Cohen's certificate (with CPM's class partition on top).
 """
 
 from __future__ import annotations
@@ -39,20 +55,32 @@ from stablenet.smoothing.arguments import check_lipschitz as _check_lipschitz
 from stablenet.smoothing.arguments import check_positive as _check_positive
 from stablenet.smoothing.arguments import check_values, model_device
 from stablenet.smoothing.arguments import eval_mode as _eval_mode
-from stablenet.smoothing.cpm_radii import CPMBounds, cpm_bounds, cpm_radius, softmax_score_lipschitz
+from stablenet.smoothing.cpm_radii import (
+    CPMBounds,
+    cpm_bounds,
+    cpm_radius,
+    predicted_radius,
+    softmax_score_lipschitz,
+)
 from stablenet.smoothing.grid_noise import GridNoise
 from stablenet.spectral import lipschitz_upper_bound
 
 __all__ = [
+    "CPM_TEMPERATURES",
     "CPMBounds",
     "CPMCertificate",
     "CPMSmooth",
     "cpm_bounds",
     "cpm_radius",
+    "predicted_radius",
     "softmax_score_lipschitz",
 ]
 
 logger = logging.getLogger(__name__)
+
+CPM_TEMPERATURES: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+"""The inverse temperatures the ``cpm`` certifier chooses from per input, besides hard votes (Note
+[temperature selection])."""
 
 
 class CPMCertificate(NamedTuple):
@@ -68,6 +96,9 @@ class CPMCertificate(NamedTuple):
     """Upper bound on :math:`\\max_{c \\ne A} p_c(x)` (float64)."""
     num_buckets: Tensor
     """Buckets used for the non-top classes (long)."""
+    inverse_temperature: Tensor
+    """Inverse temperature of the soft votes certified, ``inf`` for hard votes (float64; Note [temperature
+    selection])."""
 
 
 class _SoftmaxVote(nn.Module):
@@ -105,7 +136,11 @@ class CPMSmooth:
         input_shape: shape of one input, without the batch dimension (needed to bound convolutions).
         num_buckets: largest number of buckets for the non-top classes (:func:`cpm_bounds`), >= 1.
         input_range: inclusive ``(low, high)`` that inputs must lie in, or ``None``. Noisy copies are not clipped.
-        inverse_temperature: :math:`s > 0` of the soft votes (not used with hard votes).
+        inverse_temperature: :math:`s > 0` of the soft votes (not used with hard votes, nor with ``temperatures``).
+        temperatures: candidate inverse temperatures (finite, > 0) to choose from per input, besides hard votes,
+            on the selection draws (Note [temperature selection]); ``None``: the soft votes at
+            ``inverse_temperature`` only. Not used with hard votes (:math:`L = \infty`, or grid noise). The
+            ``cpm`` certifier of certification runs passes :data:`CPM_TEMPERATURES`.
         noise: ``"float"`` or ``"grid"``, as in :class:`~stablenet.smoothing.cohen.Smooth` (Note [floating-point
             noise] in :mod:`~stablenet.smoothing.sampling`). The grid classifier is piecewise constant, so
             ``"grid"`` needs hard votes: ``lipschitz`` must be ``None`` (then taken as ``inf``, no bound is
@@ -130,6 +165,7 @@ class CPMSmooth:
         num_buckets: int = 2,
         input_range: tuple[float, float] | None = (0.0, 1.0),
         inverse_temperature: float = 1.0,
+        temperatures: Sequence[float] | None = None,
         noise: str = "float",
         levels: int = 255,
     ) -> None:
@@ -141,6 +177,17 @@ class CPMSmooth:
         self.sigma = _check_positive("sigma", sigma)
         self.num_buckets = _check_count("num_buckets", num_buckets)
         self.inverse_temperature = _check_positive("inverse_temperature", inverse_temperature)
+        if temperatures is not None:
+            try:
+                temps = tuple(float(t) for t in temperatures)
+            except (TypeError, ValueError):
+                temps = ()
+            if not temps or not all(0 < t < math.inf for t in temps):
+                raise ValueError(
+                    f"temperatures must be None or finite numbers > 0 (at least one); got {temperatures!r}"
+                )
+            temperatures = temps
+        self.temperatures: tuple[float, ...] | None = temperatures
         if input_shape is not None:
             try:
                 input_shape = tuple(int(v) for v in input_shape)
@@ -249,6 +296,8 @@ class CPMSmooth:
         alpha = _check_alpha(alpha)
         x = self._prepare(x)
         gen = sampling.make_generator(generator, x.device)
+        if self.soft_votes and self.temperatures is not None:
+            return self._certify_selected(x, n0, n, alpha, batch_size, gen)
         voter = _SoftmaxVote(self.base_model, self.inverse_temperature, gen) if self.soft_votes else self.base_model
         with _eval_mode(self.base_model):
             # Note [noise generator]: the estimation draws continue the generator, so they are fresh.
@@ -280,4 +329,84 @@ class CPMSmooth:
             p_lower=out(bounds.p_lower, torch.float64),
             p_upper=out(bounds.p_upper, torch.float64),
             num_buckets=out(bounds.num_buckets, torch.long),
+            inverse_temperature=torch.full(
+                (len(x),),
+                self.inverse_temperature if self.soft_votes else math.inf,
+                dtype=torch.float64,
+                device=x.device,
+            ),
         )
+
+    def _certify_selected(
+        self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int, gen: torch.Generator
+    ) -> CPMCertificate:
+        """:meth:`certify_detailed` with the votes chosen per input (Note [temperature selection])."""
+        temps = (math.inf, *self.temperatures)  # hard votes first: ties go to them
+        ells = [softmax_score_lipschitz(self.lipschitz, s) if math.isfinite(s) else math.inf for s in temps]
+        with _eval_mode(self.base_model):
+            sel = self._candidate_counts(x, n0, temps, batch_size, gen).cpu().numpy()
+        predicted = np.stack(
+            [
+                predicted_radius(sel[:, c], n, alpha, self.num_buckets, sigma=self.sigma, lipschitz=ell)
+                for c, ell in enumerate(ells)
+            ],
+            axis=1,
+        )
+        choice = predicted.argmax(axis=1)
+        size = len(x)
+        top, p_lower, p_upper = np.zeros(size, np.int64), np.zeros(size), np.ones(size)
+        buckets, radius = np.ones(size, np.int64), np.zeros(size)
+        for c in np.unique(choice):
+            rows = np.flatnonzero(choice == c)
+            s = temps[c]
+            voter = _SoftmaxVote(self.base_model, s, gen) if math.isfinite(s) else self.base_model
+            with _eval_mode(self.base_model):
+                # Note [noise generator]: fresh draws, after every selection draw.
+                est = sampling.class_counts(
+                    voter, x[torch.as_tensor(rows, device=x.device)], n, self.sigma, self.num_classes, batch_size, gen
+                )
+            bounds = cpm_bounds(
+                sel[rows, c], est.cpu().numpy(), alpha, self.num_buckets, sigma=self.sigma, lipschitz=ells[c]
+            )
+            top[rows], p_lower[rows], p_upper[rows], buckets[rows] = bounds
+            radius[rows] = cpm_radius(bounds.p_lower, bounds.p_upper, self.sigma, ells[c])
+        certified = radius > 0
+
+        def out(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a)).to(device=x.device, dtype=dtype)
+
+        return CPMCertificate(
+            prediction=out(np.where(certified, top, ABSTAIN), torch.long),
+            radius=out(np.where(certified, radius, 0.0), torch.float64),
+            p_lower=out(p_lower, torch.float64),
+            p_upper=out(p_upper, torch.float64),
+            num_buckets=out(buckets, torch.long),
+            inverse_temperature=out(np.asarray(temps)[choice], torch.float64),
+        )
+
+    @torch.no_grad()
+    def _candidate_counts(
+        self, x: Tensor, num: int, temps: tuple[float, ...], batch_size: int, gen: torch.Generator
+    ) -> Tensor:
+        """``(N, len(temps), K)`` vote counts of every candidate on the same ``num`` noisy copies of each input
+        (soft votes at each finite ``s``, each with its own Gumbel draws; hard votes at ``s = inf``)."""
+        k = self.num_classes
+        soft = torch.tensor([s for s in temps if math.isfinite(s)], dtype=torch.float64, device=x.device)
+        hard = [c for c, s in enumerate(temps) if not math.isfinite(s)]
+        order = hard + [c for c, s in enumerate(temps) if math.isfinite(s)]  # rows of `votes` -> candidates
+        slot = torch.as_tensor(order, device=x.device)
+        counts = torch.zeros(len(x) * len(temps) * k, dtype=torch.long, device=x.device)
+        for index, logits in sampling.noisy_outputs(self.base_model, x, num, self.sigma, batch_size, gen):
+            if logits.ndim != 2 or logits.shape[1] != k:
+                raise ValueError(
+                    f"the base model must return logits of shape (batch, num_classes) = ({len(index)}, {k}); "
+                    f"got {tuple(logits.shape)}"
+                )
+            z = logits.to(torch.float64)
+            u = torch.rand((len(soft), *z.shape), generator=gen, device=z.device, dtype=torch.float64)
+            # Gumbel-max, as _SoftmaxVote: argmax(s z + G) ~ Categorical(softmax(s z)).
+            votes = (soft[:, None, None] * z - torch.log(-torch.log(u))).argmax(dim=-1)
+            votes = torch.cat([z.argmax(dim=-1).expand(len(hard), -1), votes])  # (candidates, B)
+            flat = (index[None, :] * len(temps) + slot[:, None]) * k + votes
+            counts.scatter_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1))
+        return counts.view(len(x), len(temps), k)

@@ -104,7 +104,7 @@ from stablenet.smoothing.arguments import check_count as _check_count
 from stablenet.smoothing.arguments import check_lipschitz as _check_lipschitz
 from stablenet.smoothing.arguments import check_positive as _check_positive
 
-__all__ = ["CPMBounds", "cpm_bounds", "cpm_radius", "softmax_score_lipschitz"]
+__all__ = ["CPMBounds", "cpm_bounds", "cpm_radius", "predicted_radius", "softmax_score_lipschitz"]
 
 
 _TARGET_SLACK = 1e-10  # Note [safe inverse]
@@ -338,23 +338,11 @@ def cpm_bounds(
         raise ValueError(
             f"counts_selection and counts_estimation must have the same shape; got {sel.shape} and {est.shape}"
         )
-    num_classes = sel.shape[1]
     n = est.sum(axis=1)
-    n0 = sel.sum(axis=1)
-    if np.any(n < 1) or np.any(n0 < 1):
+    if np.any(n < 1):
         raise ValueError("every row of counts_selection and counts_estimation needs at least one draw")
-    top = sel.argmax(axis=1)
-    # Rank the other classes by selection count (stable: ties by index); the top class goes last.
-    masked = np.where(np.arange(num_classes)[None, :] == top[:, None], -1, sel)
-    order = np.argsort(-masked, axis=1, kind="stable")[:, : num_classes - 1]
-
-    candidates = range(1, min(num_buckets, num_classes - 1) + 1)
-    beta = _beta(sigma, lipschitz)
-    plug_in = sel * (n / n0)[:, None]
-    scores = [
-        _probit_gap(*_bucket_bounds(plug_in, n.astype(np.float64), top, order, k, alpha), beta) for k in candidates
-    ]
-    k_best = np.asarray(candidates)[np.argmax(np.stack(scores, axis=1), axis=1)] if len(top) else np.zeros(0, int)
+    top, order, candidates, gaps = _plan(sel, n, alpha, num_buckets, sigma, lipschitz)
+    k_best = np.asarray(candidates)[np.argmax(gaps, axis=1)] if len(top) else np.zeros(0, int)
 
     p_lower = np.zeros(len(top))
     p_upper = np.ones(len(top))
@@ -364,6 +352,75 @@ def cpm_bounds(
             lo, up = _bucket_bounds(est[rows], n[rows], top[rows], order[rows], k, alpha)
             p_lower[rows], p_upper[rows] = lo, up
     return CPMBounds(top, p_lower, p_upper, k_best.astype(np.int64))
+
+
+def _plan(
+    sel: np.ndarray,
+    n: np.ndarray,
+    alpha: float,
+    num_buckets: int,
+    sigma: float,
+    lipschitz: float,
+    freq: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, range, np.ndarray]:
+    """From the selection counts alone: the top class, the ranking of the others, the bucket counts tried and the
+    probit gap each is predicted to give with ``n`` estimation draws (shape ``(N, len(candidates))``) if the
+    estimation frequencies were ``freq`` (default: the selection frequencies)."""
+    num_classes = sel.shape[1]
+    n0 = sel.sum(axis=1)
+    if np.any(n0 < 1):
+        raise ValueError("every row of counts_selection and counts_estimation needs at least one draw")
+    top = sel.argmax(axis=1)
+    # Rank the other classes by selection count (stable: ties by index); the top class goes last.
+    masked = np.where(np.arange(num_classes)[None, :] == top[:, None], -1, sel)
+    order = np.argsort(-masked, axis=1, kind="stable")[:, : num_classes - 1]
+    candidates = range(1, min(num_buckets, num_classes - 1) + 1)
+    beta = _beta(sigma, lipschitz)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), n0.shape)
+    plug_in = (sel / n0[:, None] if freq is None else freq) * n[:, None]
+    gaps = [_probit_gap(*_bucket_bounds(plug_in, n, top, order, k, alpha), beta) for k in candidates]
+    return top, order, candidates, np.stack(gaps, axis=1) if len(top) else np.zeros((0, len(candidates)))
+
+
+def predicted_radius(
+    counts_selection: np.ndarray, n: int, alpha: float, num_buckets: int, *, sigma: float, lipschitz: float
+) -> np.ndarray:
+    r"""The radius :func:`cpm_bounds` and :func:`cpm_radius` are predicted to give with ``n`` estimation draws.
+
+    The selection frequencies, made pessimistic by one standard error (the top class's lowered by
+    :math:`\sqrt{\hat p(1-\hat p)/n_0}`, the others raised in proportion to keep the sum), are plugged in as if
+    they were the estimation ones (scaled to ``n`` draws), with the bucket count :func:`cpm_bounds` would choose
+    and the top class of the raw counts. Without that margin a tiny ``lipschitz`` would make a noise-level lead
+    among ``n0`` draws look like a huge radius. It is a *selection rule*, not a certificate: a certifier may pick
+    among candidate classifiers (e.g. temperatures, each with its own ``lipschitz``) by it, because the bounds are
+    then computed on fresh draws (:class:`~stablenet.smoothing.cpm.CPMSmooth`, Note [temperature selection]).
+    Negative where no certificate is predicted (the closer to 0, the closer to certifying), ``-inf`` where the
+    gap is undefined.
+
+    Example:
+        >>> sel = np.array([[95, 5], [50, 50]])
+        >>> r = predicted_radius(sel, 100_000, 0.001, 1, sigma=1.0, lipschitz=float("inf"))
+        >>> bool(r[0] > 1.5 and r[1] < 0)
+        True
+    """
+    alpha = _check_alpha(alpha)
+    n = _check_count("n", n)
+    num_buckets = _check_count("num_buckets", num_buckets)
+    sigma = _check_positive("sigma", sigma)
+    lipschitz = _check_lipschitz(lipschitz)
+    sel = _check_counts("counts_selection", counts_selection)
+    n0 = np.maximum(sel.sum(axis=1, keepdims=True), 1).astype(np.float64)
+    freq = sel / n0
+    top = sel.argmax(axis=1)[:, None]
+    p_top = np.take_along_axis(freq, top, axis=1)
+    lowered = np.maximum(p_top - np.sqrt(p_top * (1.0 - p_top) / n0), 0.0)
+    others = 1.0 - p_top
+    scale = np.divide(1.0 - lowered, others, out=np.ones_like(others), where=others > 0)
+    freq = freq * scale
+    np.put_along_axis(freq, top, lowered, axis=1)
+    *_, gaps = _plan(sel, np.full(len(sel), n), alpha, num_buckets, sigma, lipschitz, freq)
+    with np.errstate(invalid="ignore"):
+        return 0.5 * sigma * gaps.max(axis=1, initial=-np.inf)
 
 
 # ----------------------------------------------------------------------------------------- checks

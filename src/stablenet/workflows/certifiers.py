@@ -24,6 +24,7 @@ no choices. A factory registered with ``randomized=True`` takes Monte-Carlo sett
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -311,20 +312,31 @@ def _lvm(model: nn.Module, settings: CertifierSettings) -> Certifier:
 
 @register_certifier("cpm", randomized=True)
 def _cpm(model: nn.Module, settings: CertifierSettings) -> Certifier:
-    """CPM (:class:`~stablenet.smoothing.cpm.CPMSmooth`): soft votes with a finite Lipschitz bound, else hard."""
-    from stablenet.smoothing.cpm import CPMSmooth
+    """CPM (:class:`~stablenet.smoothing.cpm.CPMSmooth`): with a finite Lipschitz bound, soft votes at the inverse
+    temperature chosen per example among :data:`~stablenet.smoothing.cpm.CPM_TEMPERATURES` or hard votes (its
+    Note [temperature selection]), recorded per record; hard votes otherwise."""
+    from stablenet.smoothing.cpm import CPM_TEMPERATURES, CPMSmooth
     from stablenet.smoothing.soft import HARD_VOTES
 
     params, batch_size = settings.smoothing, settings.batch_size
     grid = _grid(params)
     # With grid noise CPMSmooth takes L = inf (hard votes) and bounds nothing (Note [grid runs]).
-    cpm = CPMSmooth(model, settings.num_classes, params.sigma, input_shape=settings.input_shape, **grid)
+    cpm = CPMSmooth(
+        model,
+        settings.num_classes,
+        params.sigma,
+        input_shape=settings.input_shape,
+        temperatures=CPM_TEMPERATURES,
+        **grid,
+    )
     if grid:
         logger.info("cpm with grid noise: hard votes (soft votes are not sound for the grid classifier)")
-    choice: _Choice = ("softmax", cpm.inverse_temperature) if cpm.soft_votes else (HARD_VOTES, None)
 
     def certify(x: Tensor, first_index: int) -> tuple[Tensor, Tensor, list[_Choice]]:
-        pred, radius = cpm.certify(x, params.n0, params.n, params.alpha, batch_size, _seed(params, first_index))
-        return pred, radius, [choice] * len(x)
+        result = cpm.certify_detailed(x, params.n0, params.n, params.alpha, batch_size, _seed(params, first_index))
+        choices = [
+            ("softmax", s) if math.isfinite(s) else (HARD_VOTES, None) for s in result.inverse_temperature.tolist()
+        ]
+        return result.prediction, result.radius, choices
 
     return _randomized(params, batch_size, certify)
