@@ -8,10 +8,12 @@ import torch
 from stablenet.bench import layers
 from stablenet.bench.layers import (
     LAYER_FAMILIES,
+    MODES,
     LayersBenchConfig,
     PlainResidualConv2d,
     bench_layers,
     default_config,
+    format_row,
     plain_sll_network,
 )
 from stablenet.cli import main
@@ -35,11 +37,16 @@ def tiny_config(quick: bool = False) -> LayersBenchConfig:
 def test_rows_have_the_fields():
     rows = bench_layers(device="cpu", config=tiny_config())
     assert [(r["layer"], r["mode"]) for r in rows] == [
-        *[(family, mode) for family in LAYER_FAMILIES for mode in ("train", "eval")],
+        *[(family, mode) for family in LAYER_FAMILIES for mode in ("train", "eval", "eval_grad")],
         ("sll_xs", "train"),
         ("sll_xs", "eval"),
+        ("sll_xs", "eval_grad"),
     ]
     for row in rows:
+        if row["mode"] == "eval_grad":
+            assert row["frozen_time_ms"] > 0
+            assert row["ratio_to_frozen"] == pytest.approx(row["time_ms"] / row["frozen_time_ms"])
+            assert "frozen" in format_row(row)
         assert FIELDS <= set(row)
         assert row["time_ms"] > 0 and row["plain_time_ms"] > 0
         assert row["ratio_to_plain"] == pytest.approx(row["time_ms"] / row["plain_time_ms"])
@@ -94,7 +101,7 @@ def test_cli_quick_writes_json_rows(tmp_path, monkeypatch, capsys):
     out = tmp_path / "rows.jsonl"
     assert main(["bench", "layers", "--quick", "--device", "cpu", "--json", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2 * len(LAYER_FAMILIES) + 2 and all(FIELDS <= set(r) for r in rows)
+    assert len(rows) == len(MODES) * (len(LAYER_FAMILIES) + 1) and all(FIELDS <= set(r) for r in rows)
     printed = capsys.readouterr().out
     assert "ratio" in printed and "sll_xs" in printed and "orthogonal" in printed
 

@@ -8,6 +8,10 @@ model (``sll_s``), three measurements, each next to the same measurement of a *p
   free parameters to weights runs, and is differentiated, at every step);
 * ``eval``: one forward in eval mode under ``torch.no_grad()``, where layers reuse their cached constrained
   weights (Note [eval cache] in ``stablenet.nn.base``);
+* ``eval_grad``: what an attack step costs, one forward in eval mode and the gradient with respect to the input,
+  the parameters requiring grad as torch leaves them (Note [cached weights with gradients]); besides the plain
+  twin, the row has the same step on a frozen copy (``requires_grad_(False)``): ``frozen_time_ms`` and
+  ``ratio_to_frozen``;
 * ``train_bf16`` (model only, CUDA only): the training step under ``torch.autocast(dtype=torch.bfloat16)`` at
   batch 512, with ``images_per_s``;
 * ``train_graphs`` (layers with a capturable weight map, ``stablenet.nn.cuda_graphs.capturable``; CUDA only) and
@@ -28,12 +32,14 @@ was allocated before the step (activations, gradients, workspaces); the shared i
 CPU there is no allocator statistic as cheap and as faithful, so it is ``None``.
 
 One JSON row per (layer, shape, mode): ``layer, shape, mode, time_ms, ratio_to_plain, peak_mem_mb, device``
-plus ``plain_time_ms``, ``plain_peak_mem_mb``, ``mem_ratio_to_plain``, ``width``, ``repeats`` and, for
-``train_bf16``, ``images_per_s`` and ``plain_images_per_s``.
+plus ``plain_time_ms``, ``plain_peak_mem_mb``, ``mem_ratio_to_plain``, ``width``, ``repeats``, for
+``train_bf16``, ``images_per_s`` and ``plain_images_per_s``, and for ``eval_grad``, ``frozen_time_ms`` and
+``ratio_to_frozen``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -52,6 +58,7 @@ from stablenet.spectral.conv import CIRCULAR_BOUND_METHODS
 __all__ = [
     "HEADER",
     "LAYER_FAMILIES",
+    "MODES",
     "LayersBenchConfig",
     "PlainResidualConv2d",
     "PlainResidualLinear",
@@ -208,6 +215,9 @@ def _layer_pair(
     return nn.Sequential(layer, nn.ReLU()), nn.Sequential(plain, nn.ReLU()), (width, size, size)
 
 
+#: The modes measured on every device (the CUDA-only ones are added on a GPU).
+MODES = ("train", "eval", "eval_grad")
+
 #: Column titles matching :func:`format_row`.
 HEADER = f"{'layer':12s} {'shape':22s} {'mode':10s} {'time_ms':>10s} {'ratio':>7s} {'peak_mem_mb':>12s}"
 
@@ -218,7 +228,7 @@ def format_row(row: dict) -> str:
     shape = "x".join(map(str, row["shape"]))
     return (
         f"{row['layer']:12s} {shape:22s} {row['mode']:10s} {row['time_ms']:10.2f} {row['ratio_to_plain']:7.2f} "
-        f"{mem:>12s}"
+        f"{mem:>12s}" + (f"  x{row['ratio_to_frozen']:.2f} frozen" if "ratio_to_frozen" in row else "")
     )
 
 
@@ -238,6 +248,14 @@ def _step_fn(module: nn.Module, x: Tensor, mode: str, target: Tensor | None) -> 
                 module(x)
 
         return run
+    if mode == "eval_grad":
+        module.eval()
+        leaf = x.detach().requires_grad_(True)
+
+        def attack_step() -> None:
+            torch.autograd.grad(module(leaf).float().square().sum(), leaf)
+
+        return attack_step
     module.train()
     opt = torch.optim.SGD(module.parameters(), lr=1e-4)
     autocast = mode.startswith("train_bf16")
@@ -266,13 +284,13 @@ def _peak_mb(module: nn.Module, step: Callable[[], None], device: torch.device) 
 
 
 def _time_pair(
-    steps: tuple[Callable[[], None], Callable[[], None]], warmup: int, repeats: int, device: torch.device
-) -> tuple[float, float]:
-    """Median milliseconds of two steps, run alternately."""
+    steps: tuple[Callable[[], None], ...], warmup: int, repeats: int, device: torch.device
+) -> tuple[float, ...]:
+    """Median milliseconds of two (or more) steps, run alternately."""
     for _ in range(warmup):
         for step in steps:
             step()
-    times: tuple[list[float], list[float]] = ([], [])
+    times: tuple[list[float], ...] = tuple([] for _ in steps)
     for _ in range(repeats):
         for step, bucket in zip(steps, times, strict=True):
             _sync(device)
@@ -280,7 +298,7 @@ def _time_pair(
             step()
             _sync(device)
             bucket.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return tuple(statistics.median(t) for t in times)
 
 
 def _compare(
@@ -298,7 +316,15 @@ def _compare(
     captured = capture_weight_maps(layer) if graphs else 0
     try:
         steps = (_step_fn(layer, x, mode, target), _step_fn(plain, x, mode, target))
-        ms, plain_ms = _time_pair(steps, cfg.warmup, cfg.repeats, device)
+        if mode == "eval_grad":
+            frozen = copy.deepcopy(layer).requires_grad_(False)
+            ms, plain_ms, frozen_ms = _time_pair(
+                (*steps, _step_fn(frozen, x, mode, None)), cfg.warmup, cfg.repeats, device
+            )
+            extra |= {"frozen_time_ms": frozen_ms, "ratio_to_frozen": ms / frozen_ms}
+            del frozen
+        else:
+            ms, plain_ms = _time_pair(steps, cfg.warmup, cfg.repeats, device)
         mem, plain_mem = _peak_mb(layer, steps[0], device), _peak_mb(plain, steps[1], device)
     finally:
         if graphs:
@@ -434,7 +460,7 @@ def bench_layers(
             extra = {"bound_method": cfg.bound_method} if family in ("spectral", "cpl") else {}
             if family == "spectral":
                 extra["n_iter"] = cfg.spectral_n_iter
-            for mode in ("train", "eval"):
+            for mode in MODES:
                 emit(_compare(family, layer, plain, x, mode, cfg, width=width, **extra))
             if device.type == "cuda" and any(capturable(m) for m in layer.modules()):
                 emit_graphed(family, layer, plain, x, "train_graphs", cfg, width=width, **extra)
@@ -448,7 +474,7 @@ def bench_layers(
         x = torch.rand(n, 3, size, size, device=device)
         y = torch.randint(0, 10, (n,), device=device)
         kw = {"width": width, "model_options": options}
-        for mode in ("train", "eval"):
+        for mode in MODES:
             emit(_compare(cfg.model, model, plain, x, mode, cfg, target=y, **kw))
         if device.type == "cuda":
             emit_graphed(cfg.model, model, plain, x, "train_graphs", cfg, target=y, **kw)
