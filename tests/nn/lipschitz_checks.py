@@ -68,6 +68,10 @@ def check_layer(
     """Run the whole protocol; returns the measured constant per stage (asserts every check)."""
     torch.manual_seed(0)
     layer = factory().double().train()
+    if getattr(layer, "train_estimate", False):
+        # The protocol checks the guaranteed map in both modes; the training estimate (a power iteration, a lower
+        # estimate by design) has its own tests in test_spectral_norm.py.
+        layer.train_estimate = False
     measured = {"train": measured_lipschitz(layer, input_shape, n_points)}
     train_steps(layer, input_shape)
     measured["after_steps"] = measured_lipschitz(layer, input_shape, n_points)

@@ -1,5 +1,8 @@
 """Spectral normalisation by upper bounds: SpectralLinear, SpectralConv2d and the lipschitz_spectral parametrization."""
 
+import copy
+import math
+
 import pytest
 import torch
 from constraint_cases import DENSE_SHAPES
@@ -126,8 +129,9 @@ def test_float32_normalisation_stays_below_one():
 
 def test_eval_equals_train_in_float32_with_adaptive_stopping():
     torch.manual_seed(0)
-    layer = SpectralLinear(30, 20)
-    conv = SpectralConv2d(3, 4, 3, padding=1, padding_mode="circular", input_size=6)
+    # The guaranteed bound in training too (the training estimate is a different map by design).
+    layer = SpectralLinear(30, 20, train_estimate=False)
+    conv = SpectralConv2d(3, 4, 3, padding=1, padding_mode="circular", input_size=6, train_estimate=False)
     for module, x in ((layer, torch.randn(5, 30)), (conv, torch.randn(2, 3, 6, 6))):
         train_out = module.train()(x)
         module.eval()
@@ -203,7 +207,12 @@ def test_bad_inputs_raise():
         layer(torch.randn(1, 1, 4, 4))
     with pytest.raises(ValueError, match="only"):
         layer.lipschitz_bound((1, 6, 6))
-    assert layer.lipschitz_bound((1, 5, 5)) == 1 + LAYER_ROUNDING_SLACK
+    assert layer.eval().lipschitz_bound((1, 5, 5)) == 1 + LAYER_ROUNDING_SLACK
+    assert layer.train().lipschitz_bound((1, 5, 5)) >= 1 + LAYER_ROUNDING_SLACK  # over the training estimate
+    with pytest.raises(ValueError, match="needs input_shape"):
+        layer.lipschitz_bound()
+    with pytest.raises(ValueError, match="input_size must be an int, \\(h, w\\), None"):
+        SpectralConv2d(1, 1, 3, input_size="lazy")
 
 
 def test_bf16_autocast_keeps_constraint_math_in_float32():
@@ -252,8 +261,177 @@ def test_bound_method_bad_input():
     with pytest.raises(ValueError, match="method must be one of auto, cholesky, gram"):
         SpectralConv2d(2, 2, 3, padding=1, input_size=5, method="svd")
     with pytest.raises(ValueError, match="needs input_size and no n_iter"):
-        SpectralConv2d(2, 2, 3, padding=1, method="cholesky")
+        SpectralConv2d(2, 2, 3, padding=1, input_size="any", method="cholesky")
     with pytest.raises(ValueError, match="needs input_size and no n_iter"):
         SpectralConv2d(2, 2, 3, padding=1, input_size=5, n_iter=3, method="cholesky")
+    lazy = SpectralConv2d(2, 2, 3, padding=1, method="cholesky")  # the size comes with the first input
+    lazy(torch.randn(1, 2, 5, 5))
+    assert lazy.constraint.geometry.input_size == (5, 5)
     with pytest.raises(ValueError, match=r"method applies to nn\.Conv2d only"):
         lipschitz_spectral(nn.Linear(2, 3), method="gram")
+
+
+# ------------------------------------------------------------------ Note [training estimate]
+def _operator(layer: nn.Module, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The explicit matrix of ``layer``'s linear part with weight ``weight`` on inputs of shape ``shape``."""
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    if isinstance(layer, nn.Linear):
+        return eye @ weight.T
+    return layer._conv_forward(eye, weight, None).reshape(n, -1).T
+
+
+def _norm(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix, 2))
+
+
+ESTIMATE_CASES = {
+    "dense": (lambda: SpectralLinear(12, 9), (12,)),
+    "conv-zeros-lazy": (lambda: SpectralConv2d(3, 4, 3, padding=1), (3, 6, 6)),
+    "conv-zeros-sized": (lambda: SpectralConv2d(3, 4, 3, padding=1, input_size=6), (3, 6, 6)),
+    "conv-circular-lazy": (lambda: SpectralConv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 5, 5)),
+    "conv-strided-lazy": (lambda: SpectralConv2d(2, 4, 3, stride=2, padding=1), (2, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATE_CASES))
+def test_training_with_the_estimate_leaves_an_eval_layer_of_norm_at_most_one(name):
+    factory, shape = ESTIMATE_CASES[name]
+    torch.manual_seed(0)
+    layer = factory().double().train()
+    # hostile magnitudes: a large weight, then Adam steps that grow it further
+    with torch.no_grad():
+        layer.weight.mul_(40.0)
+    optimiser = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(15):
+        loss = layer(torch.randn(4, *shape, dtype=torch.float64)).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    exact_train = _norm(_operator(layer, layer.weight.detach(), shape))  # of the free weight
+    with torch.no_grad():
+        w_est, sigma = layer._estimated(shape, update=False) if name != "dense" else layer._estimated(update=False)
+    # the estimate is a lower estimate of the true norm, close to it after a few steps
+    assert float(sigma) <= exact_train * (1 + 1e-9)
+    assert float(sigma) >= exact_train * (1 - 1e-2)
+    # the training-mode bound covers the training-mode map exactly
+    train_norm = _norm(_operator(layer, w_est, shape))
+    bound = layer.lipschitz_bound(shape) if name != "dense" else layer.lipschitz_bound()
+    assert train_norm <= bound
+    # eval mode: the guaranteed bound, exact norm <= 1 + 1e-5 (float64 operator and SVD), also after export
+    layer.eval()
+    with torch.no_grad():
+        w_eval = layer._cache.get(layer, [layer.weight], layer.constrained_weight)
+        assert _norm(_operator(layer, w_eval, shape)) <= 1 + 1e-5
+        x = torch.randn(3, *shape, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), layer.export()(x), rtol=1e-12, atol=1e-12)
+    assert _norm(_operator(layer, layer.export().weight.detach(), shape)) <= 1 + 1e-5
+    assert (layer.lipschitz_bound(shape) if name != "dense" else layer.lipschitz_bound()) == 1 + LAYER_ROUNDING_SLACK
+
+
+def test_a_no_grad_training_forward_does_not_move_the_estimate():
+    layer = SpectralLinear(6, 5).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    layer(x)  # starts the iteration
+    u = layer.estimate.u.clone()
+    with torch.no_grad():
+        first = layer(x)
+        second = layer(x)
+    assert torch.equal(layer.estimate.u, u) and torch.equal(first, second)
+    layer(x)  # a forward with gradients takes one step
+    assert not torch.equal(layer.estimate.u, u)
+
+
+def test_the_estimate_is_saved_and_a_resumed_run_is_bit_identical():
+    def run(steps: int, layer: nn.Module) -> nn.Module:
+        optimiser = torch.optim.SGD(layer.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(steps)
+        for _ in range(steps):
+            optimiser.zero_grad()
+            layer(torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=gen)).square().sum().backward()
+            optimiser.step()
+        return layer
+
+    torch.manual_seed(0)
+    make = lambda: SpectralConv2d(2, 3, 3, padding=1).double()  # noqa: E731
+    start = make()
+    state = run(3, copy.deepcopy(start)).state_dict()
+    assert any(k.endswith("estimate.u") for k in state)
+    resumed = make()
+    resumed.load_state_dict(state)
+    straight = copy.deepcopy(start)
+    straight.load_state_dict(state)
+    for a, b in zip(run(2, resumed).parameters(), run(2, straight).parameters(), strict=True):
+        assert torch.equal(a, b)
+    # a checkpoint without the estimate (made before it existed, or before any training forward) loads too
+    old = {k: v for k, v in state.items() if not k.endswith("estimate.u")}
+    fresh = make()
+    fresh.load_state_dict(old)
+    assert fresh.estimate.u is None
+    run(1, fresh)  # and starts a fresh iteration
+    assert fresh.estimate.u is not None
+
+
+def test_a_lazy_conv_takes_the_size_of_its_first_input():
+    zeros = SpectralConv2d(2, 2, 3, padding=1)
+    assert zeros.constraint.geometry.input_size is None
+    zeros(torch.randn(1, 2, 7, 5))
+    assert zeros.constraint.geometry.input_size == (7, 5)
+    zeros(torch.randn(1, 2, 4, 4))  # smaller inputs: the zero-padding bound covers them
+    with pytest.raises(ValueError, match="up to size"):
+        zeros(torch.randn(1, 2, 8, 5))
+    circular = SpectralConv2d(2, 2, 3, padding=1, padding_mode="circular").eval()
+    assert circular.lipschitz_bound((2, 6, 6)) == 1 + LAYER_ROUNDING_SLACK  # a bound request sets it too
+    with pytest.raises(ValueError, match="only"):
+        circular(torch.randn(1, 2, 5, 5))
+    anywhere = SpectralConv2d(2, 2, 3, padding=1, input_size="any")
+    for size in (4, 9):
+        anywhere(torch.randn(1, 2, size, size))
+    assert anywhere.constraint.geometry.input_size is None
+
+
+def test_the_estimate_trains_under_torch_compile():
+    torch.manual_seed(0)
+    layer = SpectralConv2d(3, 4, 3, padding=1)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 3, 6, 6)
+    loss = compiled(x).square().sum()
+    loss.backward()
+    assert torch.isfinite(layer.weight.grad).all()
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_certificates_of_a_model_trained_with_the_estimate_hold_in_either_mode(mode):
+    """A hostile use: certify an affine spectral network in training mode (where it divides by the estimate, so its
+    layers may exceed norm 1) or in eval mode; for an affine classifier the exact robust radius is known."""
+    from stablenet.certify.lipschitz import LipschitzCertifier
+
+    torch.manual_seed(3)
+    model = nn.Sequential(SpectralConv2d(1, 2, 3, padding=1), nn.Flatten(), SpectralLinear(2 * 5 * 5, 3)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(25.0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(5):
+        optimiser.zero_grad()
+        model(torch.rand(8, 1, 5, 5, dtype=torch.float64)).logsumexp(1).mean().backward()
+        optimiser.step()
+    model.train(mode == "train")
+    certifier = LipschitzCertifier(model, "generic", (1, 5, 5))
+    x = torch.rand(64, 1, 5, 5, dtype=torch.float64)
+    prediction, radius = certifier(x)
+    with torch.no_grad():  # the exact affine map of this mode (a no-grad forward does not move the estimate)
+        basis = torch.cat([torch.zeros(1, 25, dtype=torch.float64), torch.eye(25, dtype=torch.float64)])
+        values = model(basis.reshape(26, 1, 5, 5))
+        a, b = (values[1:] - values[0]).T, values[0]
+        logits = x.flatten(1) @ a.T + b
+    assert float(torch.linalg.matrix_norm(a, 2)) <= certifier.lipschitz
+    assert int((radius > 0).sum()) >= 32  # the check below has certificates to check
+    for i in range(len(x)):
+        y = int(logits[i].argmax())
+        others = [j for j in range(3) if j != y]
+        exact = min(float((logits[i, y] - logits[i, j]) / (a[y] - a[j]).norm()) for j in others)
+        if int(prediction[i]) >= 0:
+            assert int(prediction[i]) == y and float(radius[i]) <= exact

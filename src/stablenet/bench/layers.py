@@ -208,8 +208,8 @@ def _layer_pair(
         layer = cls(width, width, 3)
         plain = nn.Conv2d(width, width, 3, padding=1, padding_mode="circular")
     else:
-        kw = {"input_size": (size, size), "method": bound_method, "n_iter": spectral_n_iter}
-        kw = kw if family == "spectral" else {}
+        # the torch signature: a spectral layer takes its input size from its first forward (lazy)
+        kw = {"method": bound_method, "n_iter": spectral_n_iter} if family == "spectral" else {}
         layer = cls(width, width, 3, padding=1, **kw)
         plain = nn.Conv2d(width, width, 3, padding=1)
     return nn.Sequential(layer, nn.ReLU()), nn.Sequential(plain, nn.ReLU()), (width, size, size)

@@ -104,6 +104,8 @@ def capturable(module: nn.Module) -> bool:
     if isinstance(module, CPLConv2d):
         return module.method != "cholesky"
     if isinstance(module, (ConstrainedLinear, ConstrainedConv2d)):
+        if getattr(module, "train_estimate", False):  # trains with a power step, not the map (Note [training estimate])
+            return False
         return bool(getattr(module.constraint, "capturable", False))
     return False
 

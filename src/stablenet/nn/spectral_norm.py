@@ -21,6 +21,14 @@ the reshaped kernel matrix (pytorch issue 99149):
   the spatial Gram bound (Delattre et al. 2024), valid for every input size and both paddings, looser (7-11%
   for random 3x3 kernels with 4 iterations).
 
+The ready layers :class:`SpectralLinear` and :class:`SpectralConv2d` *train* with a persistent power-iteration
+estimate of the true operator's norm instead (one power step per training forward), and divide by the guaranteed
+bound in eval mode, in ``constrained_weight()``, ``export()`` and the bounds certificates use (Note [training
+estimate] in :mod:`stablenet.nn.power_estimate`; ``train_estimate=False`` keeps the bound in training too). A
+:class:`SpectralConv2d` built without ``input_size`` takes it from its first forward, as torch's lazy modules do,
+so the guaranteed bound is the tight size-specific one (``input_size="any"``: the spatial bound, for every size).
+The parametrization :func:`lipschitz_spectral` always uses the guaranteed bound.
+
 Strides keep the unstrided bound (subsampling is 1-Lipschitz), groups take the max over groups, dilations
 dilate the kernel. A circular padding wider than ``(k - 1) / 2`` would repeat input rows in the output (a 1x1
 identity kernel with circular padding 1 has norm 2); ``ConvGeometry.of`` rejects it.
@@ -56,20 +64,27 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stablenet.nn.base import LAYER_ROUNDING_SLACK, at_least_float32
 from stablenet.nn.constrained import (
+    CONSTRAINED_WEIGHT_ROUNDINGS,
     ConstrainedConv2d,
     ConstrainedLinear,
     Constraint,
     ConvGeometry,
     constraints_of,
+    conv_rounding,
     register_constraint,
     remove_constraint,
 )
+from stablenet.nn.power_estimate import PowerEstimate
 from stablenet.spectral.conv import (
     CIRCULAR_BOUND_METHODS,
     GRAM_MAX_ITER,
@@ -80,6 +95,7 @@ from stablenet.spectral.conv import (
 )
 from stablenet.spectral.conv import spatial_gram_bound as _spatial_gram_bound
 from stablenet.spectral.dense import GRAM_ROUNDING_SLACK, gram_iteration
+from stablenet.spectral.rounding import RoundingBound, linear_rounding
 
 __all__ = [
     "SPATIAL_GRAM_ITERS",
@@ -108,6 +124,20 @@ def _safe_divide(weight: Tensor, sigma: Tensor) -> Tensor:
     """``weight / sigma``; a zero bound (zero weight) leaves the weight as it is (zero)."""
     sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
     return weight / sigma.to(weight.dtype)
+
+
+def _matvec(u: Tensor, weight: Tensor) -> Tensor:
+    return weight @ u
+
+
+def _train_bound(bound: Tensor, sigma: Tensor) -> float:
+    r""":math:`(1 + \text{slack})\,\hat\sigma/\tilde\sigma`, rounded up; ``inf`` for a zero estimate of a non-zero
+    weight (Note [training estimate])."""
+    est = float(sigma)
+    if not est > 0:
+        return 1.0 + LAYER_ROUNDING_SLACK if float(bound) == 0 else math.inf
+    ratio = math.nextafter(float(bound) / est, math.inf)
+    return math.nextafter(max(ratio, 1.0) * (1.0 + LAYER_ROUNDING_SLACK), math.inf)
 
 
 class DenseSpectralConstraint(Constraint):
@@ -205,10 +235,10 @@ def check_input_size(geometry: ConvGeometry, shape: Sequence[int]) -> None:
         raise ValueError(f"this zero-padding spectral bound holds for inputs up to size {want}; got {got}")
 
 
-def _check_method(method: str, n_iter: int | None, geometry: ConvGeometry) -> str:
+def _check_method(method: str, n_iter: int | None, geometry: ConvGeometry, lazy: bool = False) -> str:
     if method not in CIRCULAR_BOUND_METHODS:
         raise ValueError(f"method must be one of {', '.join(CIRCULAR_BOUND_METHODS)}; got {method!r}")
-    if method == "cholesky" and (n_iter is not None or geometry.input_size is None):
+    if method == "cholesky" and (n_iter is not None or (geometry.input_size is None and not lazy)):
         raise ValueError(
             "method='cholesky' verifies a size-specific bound: it needs input_size and no n_iter; "
             f"got input_size={geometry.input_size}, n_iter={n_iter}"
@@ -224,13 +254,16 @@ class ConvSpectralConstraint(Constraint):
         n_iter: Gram iterations; ``None``: adaptive (size-specific bounds) or :data:`SPATIAL_GRAM_ITERS`.
         method: how a size-specific bound is computed: ``"auto"``, ``"cholesky"`` or ``"gram"`` (Note [circular
             bound method]).
+        lazy: the input size will be set later (a lazy :class:`SpectralConv2d`); until then the spatial bound.
     """
 
-    def __init__(self, geometry: ConvGeometry, n_iter: int | None = None, method: str = "auto") -> None:
+    def __init__(
+        self, geometry: ConvGeometry, n_iter: int | None = None, method: str = "auto", lazy: bool = False
+    ) -> None:
         super().__init__()
         self.geometry = geometry
         self.n_iter = _check_n_iter(n_iter)
-        self.method = _check_method(method, n_iter, geometry)
+        self.method = _check_method(method, n_iter, geometry, lazy)
 
     @property
     def capturable(self) -> bool:  # type: ignore[override]
@@ -260,6 +293,9 @@ class SpectralLinear(ConstrainedLinear):
     Args:
         in_features, out_features, bias, device, dtype: as in ``nn.Linear``.
         n_iter: Gram iterations; ``None`` iterates adaptively (Note [adaptive Gram iteration]).
+        train_estimate: in training mode, divide by a persistent power-iteration estimate of :math:`\|W\|_2`
+            (Note [training estimate] in :mod:`stablenet.nn.power_estimate`); eval mode, ``constrained_weight()``,
+            ``export()`` and certificates use the guaranteed bound either way. ``False``: the bound in training too.
 
     Example:
         >>> layer = SpectralLinear(5, 3).double()
@@ -276,9 +312,42 @@ class SpectralLinear(ConstrainedLinear):
         dtype: torch.dtype | None = None,
         *,
         n_iter: int | None = None,
+        train_estimate: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self.constraint = DenseSpectralConstraint(n_iter)
+        self.train_estimate = bool(train_estimate)
+        self.estimate = PowerEstimate()
+
+    def _estimated(self, update: bool) -> tuple[Tensor, Tensor]:
+        """``(W / sigma_est, sigma_est)``, the training-mode weight (Note [training estimate])."""
+        weight = at_least_float32(self.weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            sigma = self.estimate(_matvec, weight, (weight.shape[1],), update)
+            return _safe_divide(weight, sigma), sigma
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.train_estimate:
+            w, _ = self._estimated(update=torch.is_grad_enabled())
+            return F.linear(x, w.to(x.dtype), self.bias)
+        return super().forward(x)
+
+    def lipschitz_bound(self) -> float:
+        """``1 + LAYER_ROUNDING_SLACK`` in eval mode; in training mode with the estimate, the guaranteed bound over the
+        estimate the forward divides by (Note [training estimate])."""
+        if not (self.training and self.train_estimate):
+            return super().lipschitz_bound()
+        with torch.no_grad():
+            _, sigma = self._estimated(update=False)
+            return _train_bound(self.constraint.bound(self.weight.detach()), sigma)
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """As :class:`~stablenet.nn.constrained.ConstrainedLinear`'s, for the weight the forward uses in this mode."""
+        if not (self.training and self.train_estimate):
+            return super().rounding_bound(input_shape, dtype)
+        with torch.no_grad():
+            w, _ = self._estimated(update=False)
+            return linear_rounding(w, self.bias, tuple(input_shape), dtype, CONSTRAINED_WEIGHT_ROUNDINGS)
 
 
 class SpectralConv2d(ConstrainedConv2d):
@@ -288,11 +357,17 @@ class SpectralConv2d(ConstrainedConv2d):
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device,
             dtype: as in ``nn.Conv2d`` (``padding_mode`` ``"zeros"`` or ``"circular"``).
         input_size: spatial input size ``(h, w)`` (or an int): enables the tighter size-specific bound, valid
-            for that size (circular) or sizes up to it (zeros); other inputs raise ``ValueError``. ``None``: the
-            size-independent spatial Gram bound.
+            for that size (circular) or sizes up to it (zeros); other inputs raise ``ValueError``. ``None``: taken
+            from the first forward (or the first ``lipschitz_bound(input_shape)``), as torch's lazy modules do;
+            until then ``constrained_weight()`` uses the spatial bound. ``"any"``: the size-independent spatial
+            Gram bound, for inputs of every size.
         n_iter: Gram iterations (see :class:`ConvSpectralConstraint`).
         method: ``"auto"``, ``"cholesky"`` or ``"gram"``: how the size-specific bound is computed (Note
             [circular bound method]).
+        train_estimate: in training mode, divide by a persistent power-iteration estimate of the norm of the
+            convolution at the input's size (Note [training estimate] in :mod:`stablenet.nn.power_estimate`);
+            eval mode, ``constrained_weight()``, ``export()`` and certificates use the guaranteed bound either way.
+            ``False``: the bound in training too.
 
     Example:
         >>> layer = SpectralConv2d(2, 3, 3, padding=1, input_size=6).double()
@@ -314,24 +389,76 @@ class SpectralConv2d(ConstrainedConv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        input_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | str | None = None,
         n_iter: int | None = None,
         method: str = "auto",
+        train_estimate: bool = True,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self.constraint = ConvSpectralConstraint(ConvGeometry.of(self, input_size), n_iter, method)
+        if isinstance(input_size, str) and input_size != "any":
+            raise ValueError(
+                f"input_size must be an int, (h, w), None (from the first input) or 'any'; got {input_size!r}"
+            )
+        self.lazy_input_size = input_size is None
+        size = None if isinstance(input_size, str) else input_size
+        self.constraint = ConvSpectralConstraint(ConvGeometry.of(self, size), n_iter, method, self.lazy_input_size)
+        self.train_estimate = bool(train_estimate)
+        self.estimate = PowerEstimate()
+
+    def _take_size(self, shape: Sequence[int]) -> None:
+        """Record the spatial size of the first input of a lazy layer (its guaranteed bound becomes size-specific)."""
+        if self.lazy_input_size and self.constraint.geometry.input_size is None:
+            if len(shape) < 2:
+                raise ValueError(f"expected an input of shape (..., h, w); got {tuple(shape)}")
+            size = (int(shape[-2]), int(shape[-1]))
+            self.constraint.geometry = dataclasses.replace(self.constraint.geometry, input_size=size)
+            self._cache.clear()
+
+    def _apply_conv(self, u: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(u, weight, None)
+
+    def _estimated(self, shape: Sequence[int], update: bool) -> tuple[Tensor, Tensor]:
+        """``(K / sigma_est, sigma_est)`` at spatial size ``shape[-2:]``, the training-mode kernel."""
+        weight = at_least_float32(self.weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            one = (1, self.in_channels, int(shape[-2]), int(shape[-1]))
+            sigma = self.estimate(self._apply_conv, weight, one, update)
+            return _safe_divide(weight, sigma), sigma
 
     def forward(self, x: Tensor) -> Tensor:
+        self._take_size(x.shape)
         check_input_size(self.constraint.geometry, x.shape)
+        if self.training and self.train_estimate:
+            w, _ = self._estimated(x.shape, update=torch.is_grad_enabled())
+            return self._conv_forward(x, w.to(x.dtype), self.bias)
         return super().forward(x)
 
     def lipschitz_bound(self, input_shape: Sequence[int] | None = None) -> float:
-        """``1 + LAYER_ROUNDING_SLACK``; raises ``ValueError`` if ``input_shape`` is not covered by the bound."""
+        """``1 + LAYER_ROUNDING_SLACK`` in eval mode (raises ``ValueError`` if ``input_shape`` is not covered by the
+        bound); in training mode with the estimate, the guaranteed bound over the estimate at ``input_shape``
+        (required then), which the forward divides by (Note [training estimate])."""
         if input_shape is not None:
+            self._take_size(input_shape)
             check_input_size(self.constraint.geometry, input_shape)
-        return super().lipschitz_bound()
+        if not (self.training and self.train_estimate):
+            return super().lipschitz_bound()
+        if input_shape is None:
+            raise ValueError(
+                "a training-mode SpectralConv2d needs input_shape for its bound (its estimate is per size)"
+            )
+        with torch.no_grad():
+            _, sigma = self._estimated(input_shape, update=False)
+            return _train_bound(self.constraint.bound(self.weight.detach()), sigma)
+
+    def rounding_bound(self, input_shape: Sequence[int], dtype: torch.dtype) -> RoundingBound:
+        """As :class:`~stablenet.nn.constrained.ConstrainedConv2d`'s, for the kernel the forward uses in this mode."""
+        if not (self.training and self.train_estimate):
+            return super().rounding_bound(input_shape, dtype)
+        with torch.no_grad():
+            w, _ = self._estimated(input_shape, update=False)
+            return conv_rounding(self, w, input_shape, dtype, CONSTRAINED_WEIGHT_ROUNDINGS)
 
 
 def lipschitz_spectral(
