@@ -142,7 +142,7 @@ def run_row(
             smoothing=smoothing,
             data_root=config.data_root,
             max_examples=examples,
-            batch_size=1000 if smoothing else 256,
+            batch_size=10_000 if smoothing else 256,  # noisy copies per forward pass
             device=device,
             progress=progress,
         )
