@@ -7,7 +7,7 @@ AutoAttack). The model is the digits demo model (``stablenet.workflows.demo.DEMO
 A third column times the uncached path (every forward recomputes the constrained weights), the cost before the
 cache served these forwards.
 
-Usage: python benchmarks/attack_step.py [--run DIR] [--batch-size 64] [--repeats 50] [--json OUT]
+Usage: python benchmarks/attack_step.py [--run DIR] [--batch-size 64] [--repeats 50] [--device cpu] [--json OUT]
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def attack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
     return step
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def uncached(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with every weight cache computing its map in the forward (the behaviour before the cache)."""
 
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a run directory (default: the demo architecture, random init)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="append the row to this JSON Lines file")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -66,10 +72,11 @@ def main() -> None:
     else:
         model = create_model(DEMO_CONFIG["model"], 10, 1, (8, 8), mean=[0.0], std=[1.0], **DEMO_CONFIG["model_args"])
         name = f"demo architecture ({DEMO_CONFIG['model']}, {DEMO_CONFIG['model_args']})"
-    model = model.double().eval()
+    device = torch.device(args.device)
+    model = model.double().eval().to(device)
     frozen = copy.deepcopy(model).requires_grad_(False)
-    x = torch.rand(args.batch_size, 1, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 10, (args.batch_size,))
+    x = torch.rand(args.batch_size, 1, 8, 8, dtype=torch.float64, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
     steps = {
         "params_require_grad": attack_step(model, x, y),
         "frozen": attack_step(frozen, x, y),
@@ -80,8 +87,10 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.repeats):
         for key, step in steps.items():
+            sync(device)
             start = time.perf_counter()
             step()
+            sync(device)
             times[key].append((time.perf_counter() - start) * 1e3)
     ms = {k: statistics.median(v) for k, v in times.items()}
     row = {
@@ -91,7 +100,7 @@ def main() -> None:
         **{f"{k}_ms": v for k, v in ms.items()},
         "ratio_to_frozen": ms["params_require_grad"] / ms["frozen"],
         "uncached_ratio_to_frozen": ms["uncached"] / ms["frozen"],
-        "provenance": provenance(device="cpu"),
+        "provenance": provenance(device=device),
     }
     print(
         f"{name}: attack step {ms['params_require_grad']:.2f} ms with parameters requiring grad, "

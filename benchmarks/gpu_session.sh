@@ -1,57 +1,75 @@
 #!/usr/bin/env bash
-# One short device run for the spectral engine (issue 3) and the smoothing loop (issue 5):
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=420)
-# 1. `stablenet bench spectral` on cuda: the Gram, Cholesky and baseline rows on all ResNet-18 shapes (the
-#    circular exact reference in float64 on the CPU: a GPU eigensolver takes seconds per layer);
-# 2. the certified zero-padding bound over all 20 ResNet-18 convolutions per method (benchmarks/resnet18_bound.py),
-#    a profile of the default, and where the Gram iteration's time goes (benchmarks/gram_gpu_micro.py);
-# 3. `stablenet bench smoothing` on cuda (noise chunks on, the default) and the two small cases without chunks.
-# Results land in $OUT (the device tool's, else runs/gpu_session).
+# Issue 21 on one GPU, every measurement in one run of about 7 minutes, then one table:
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
+# 1. the whole ResNet-18 certified zero-padding bound (`auto`: embed + the default circular method) with its peak
+#    memory (benchmarks/resnet18_bound.py);
+# 2. the circular Gram bound of the 512-channel 3x3 layers (`stablenet bench spectral`, ResNet-18 shapes);
+# 3. `stablenet bench layers` (batch 256, 32x32, widths 64 / 128; sll_s in bf16): train / eval / eval_grad ×plain
+#    for SR, spectral (torch signature: lazy size, trained with the power-iteration estimate), CPL, Cayley, SLL, AOL;
+# 4. an attack step on the demo model, parameters requiring grad against frozen (benchmarks/attack_step.py).
+# Results land in $OUT (the device tool's, else runs/gpu_session). DEVICE=cpu QUICK=1 runs the plumbing on a CPU in a
+# minute or two (tiny sizes, sections 1 and 2 skipped; tests/bench/test_gpu_session_script.py).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_session}
-mkdir -p "$OUT"
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
 SN="$PY -m stablenet.cli"
-nvidia-smi -L
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 section() { echo "== $1 ($(date +%T))"; }
-
-section "bench spectral"
-timeout "${SPECTRAL_S:-200}" $SN bench spectral --device cuda --repeats 5 --quiet \
-  --methods circular_gram,circular_gram_certified,circular_cholesky_certified,zeros_embed_certified,zeros_embed_cholesky_certified,zeros_spatial_gram,baseline_reshaped_kernel,baseline_araujo \
-  --json "$OUT/bench_spectral_cuda.jsonl" > "$OUT/bench_spectral_table.txt" || echo "bench spectral: exit $?"
-cat "$OUT/bench_spectral_table.txt"
+if [ -n "${QUICK:-}" ]; then REPEATS=1; LAYERS="--quick --batch-size 2 --families spectral,sll"; else REPEATS=5; LAYERS=""; fi
 
 section "ResNet-18 bound"
-timeout "${RESNET_S:-90}" $PY benchmarks/resnet18_bound.py --device cuda --methods embed,cholesky,gram --repeats 5 \
-  --json "$OUT/resnet18_cuda.json" || echo "resnet18: exit $?"
-timeout 30 $PY benchmarks/resnet18_bound.py --device cuda --profile embed || echo "profile: exit $?"
-timeout 60 $PY benchmarks/gram_gpu_micro.py --device cuda > "$OUT/gram_gpu_micro.txt" || echo "micro: exit $?"
-head -n 10 "$OUT/gram_gpu_micro.txt"
+if [ -z "${QUICK:-}" ]; then
+  timeout 120 $PY benchmarks/resnet18_bound.py --device "$DEVICE" --methods embed --repeats "$REPEATS" --memory \
+    --json "$OUT/resnet18.json" || echo "resnet18: exit $?"
+fi
 
-section "bench smoothing"
-timeout "${SMOOTHING_S:-120}" $SN bench smoothing --device cuda --json "$OUT/bench_smoothing.jsonl" \
-  || echo "bench smoothing: exit $?"
-timeout 60 $PY - "$OUT/bench_smoothing_unchunked.jsonl" <<'PY' || echo "unchunked: exit $?"
+section "circular Gram bound, ResNet-18 shapes"
+[ -n "${QUICK:-}" ] || timeout 120 $SN bench spectral --device "$DEVICE" --repeats "$REPEATS" --quiet ${QUICK:+--quick} \
+  --methods circular_gram_certified --json "$OUT/bench_spectral.jsonl" || echo "bench spectral: exit $?"
+
+section "bench layers"
+timeout 240 $SN bench layers --device "$DEVICE" $LAYERS --json "$OUT/bench_layers.jsonl" || echo "bench layers: exit $?"
+
+section "attack step on the demo model"
+for b in 1 256; do
+  timeout 60 $PY benchmarks/attack_step.py --device "$DEVICE" --batch-size "$b" --repeats $((REPEATS * 20)) \
+    --json "$OUT/attack_step.jsonl" || echo "attack step: exit $?"
+done
+
+section "table"
+$PY - "$OUT" <<'PY'
+import json
 import sys
+from pathlib import Path
 
-import torch
+out = Path(sys.argv[1])
 
-from stablenet.bench import write_rows
-from stablenet.bench.smoothing import bench_smoothing, default_cases
-from stablenet.smoothing import sampling
 
-x = torch.rand(30, 1, 28, 28, device="cuda")
-model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).cuda()
-for chunk in (0, None):
-    counts = sampling.class_counts(model, x, 250, 0.5, 10, 1000, sampling.make_generator(0, x.device), chunk)
-    assert torch.equal(counts.sum(1).cpu(), torch.full((30,), 250)), counts.sum(1)
-print("chunked and unchunked counts sum to n on cuda")
-sampling.GPU_CHUNK_BYTES = 0
-rows = bench_smoothing(device="cuda", cases=default_cases(gpu=False))
-for r in rows:
-    print("unchunked", r["model"], f"ratio {r['ratio']:.3f}", f"noise bound {r['noise_bound']:.3f}")
-write_rows(rows, sys.argv[1], command="bash benchmarks/gpu_session.sh (bench_smoothing, GPU_CHUNK_BYTES = 0)")
+def rows(name):
+    path = out / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+print(f"{'measurement':58s} {'value':>12s}  target")
+resnet = out / "resnet18.json"
+if resnet.exists():
+    doc = json.loads(resnet.read_text())
+    for method, ms in doc.get("median_ms", {}).items():
+        first = (doc.get("runs", {}).get(method) or [{}])[0]
+        peaks = {k: v for k, v in first.items() if "peak" in k}
+        print(f"{'ResNet-18 bound, ' + method:58s} {ms:9.1f} ms  <= 50 ms, <= 2 GB {peaks}")
+for r in rows("bench_spectral.jsonl"):
+    if r.get("shape", [0])[0] == 512:
+        label = f"circular Gram bound {r['method']} {r['layer']}"
+        print(f"{label[:58]:58s} {r['time_ms']:9.2f} ms  <= 5 ms")
+for r in rows("bench_layers.jsonl"):
+    label = f"{r['layer']} width {r.get('width', '?')} {r['mode']}"
+    extra = f" (x{r['ratio_to_frozen']:.2f} frozen)" if "ratio_to_frozen" in r else ""
+    print(f"{label:58s} {r['ratio_to_plain']:9.2f} x   {extra}")
+for r in rows("attack_step.jsonl"):
+    print(f"{'attack step, demo model, batch ' + str(r['batch_size']):58s} {r['ratio_to_frozen']:9.2f} x   <= 1.1 x frozen")
 PY
 section "done"
