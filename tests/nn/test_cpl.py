@@ -1,5 +1,7 @@
 """CPLLinear / CPLConv2d: the property protocol, the norm bound against the exact SVD, errors, export, autocast."""
 
+import math
+
 import pytest
 import torch
 from lipschitz_checks import check_layer
@@ -14,6 +16,7 @@ from residual_cases import (
     spatial_size,
 )
 
+from stablenet.nn.base import LAYER_ROUNDING_SLACK
 from stablenet.nn.cpl import CPL_FFT_GRAM_ITERS, CPLConv2d, CPLLinear
 from stablenet.spectral.conv import conv_spectral_norm, conv_spectral_norm_upper_bound
 
@@ -104,8 +107,10 @@ def test_cpl_bad_arguments():
         CPLConv2d(3, kernel_size=2)
     with pytest.raises(ValueError, match=r"method must be one of auto, cholesky, gram.*got method='svd'"):
         CPLConv2d(3, input_size=5, method="svd")
-    with pytest.raises(ValueError, match=r"only 'auto' without input_size.*got method='gram', input_size=None"):
-        CPLConv2d(3, method="gram")
+    with pytest.raises(ValueError, match=r"only 'auto' with input_size 'any'.*got method='gram', input_size=any"):
+        CPLConv2d(3, method="gram", input_size="any")
+    with pytest.raises(ValueError, match="input_size must be None, 'any'"):
+        CPLConv2d(3, input_size="lazy")
     with pytest.raises(ValueError, match=r"zeros, circular.*'replicate'"):
         CPLConv2d(3, padding_mode="replicate")
     with pytest.raises(ValueError, match="input_size must be"):
@@ -141,14 +146,14 @@ def test_cpl_export_matches_in_float32_and_float64(padding_mode):
     torch.manual_seed(0)
     layers = [
         (CPLLinear(6, 9), (7, 6)),
-        (CPLConv2d(3, 4, 3, padding_mode=padding_mode), (2, 3, 6, 5)),
+        (CPLConv2d(3, 4, 3, padding_mode=padding_mode, input_size="any"), (2, 3, 6, 5)),
         (CPLConv2d(2, 3, (5, 1), bias=False, padding_mode=padding_mode, input_size=(6, 4)), (2, 2, 6, 4)),
     ]
     check_export_matches(layers)
 
 
 def test_cpl_eval_cache_and_bound():
-    check_eval_cache_and_bound(lambda: CPLConv2d(2, 3), (2, 2, 5, 5), tol=1e-6)
+    check_eval_cache_and_bound(lambda: CPLConv2d(2, 3, train_estimate=False), (2, 2, 5, 5), tol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -164,3 +169,83 @@ def test_bf16_autocast_on_cpu_keeps_the_bound_in_float64(make, shape):
     layer = make()
     x = torch.randn(*shape)
     check_bf16_autocast(layer, x, layer.norm_bound, torch.float64)  # Note [constraint precision]
+
+
+# ------------------------------------------------------------------ Note [training estimate]
+def _explicit(layer, shape):
+    """The matrix of the layer's first operator (W, or the "same" convolution) on inputs of ``shape``."""
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    with torch.no_grad():
+        bias, layer.bias = layer.bias, None
+        try:
+            return layer._first(eye).reshape(n, -1).T
+        finally:
+            layer.bias = bias
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: CPLLinear(6, 9), (6,)),
+        (lambda: CPLConv2d(2, 3), (2, 5, 5)),
+        (lambda: CPLConv2d(2, 3, padding_mode="circular"), (2, 4, 5)),
+    ],
+)
+def test_training_with_the_estimate_then_eval_is_1_lipschitz(make, shape):
+    torch.manual_seed(0)
+    layer = make().double().train()
+    with torch.no_grad():
+        layer.weight.mul_(30.0)  # a hostile magnitude
+    optimiser = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(10):
+        optimiser.zero_grad()
+        layer(torch.randn(4, *shape, dtype=torch.float64)).square().mean().backward()
+        optimiser.step()
+    a = _explicit(layer, shape)
+    exact = float(torch.linalg.matrix_norm(a, 2))
+    with torch.no_grad():
+        sigma = layer._sigma_estimate((-1, *shape), update=False)
+    assert exact * (1 - 1e-2) <= float(sigma) <= exact * (1 + 1e-9)  # a lower estimate, close after a few steps
+    x = torch.randn(8, *shape, dtype=torch.float64)
+    bound = layer.lipschitz_bound(shape) if len(shape) == 3 else layer.lipschitz_bound()
+    for mode, step in (("train", 2.0 / float(sigma) ** 2), ("eval", float(layer.step()))):
+        layer.train(mode == "train")
+        for point in x:  # the Jacobian I - t A^T D A at each point, from the explicit operator
+            pre = a @ point.reshape(-1) + (0 if layer.bias is None else _bias_map(layer, shape))
+            jac = torch.eye(a.shape[1], dtype=torch.float64) - step * a.T @ torch.diag((pre > 0).double()) @ a
+            norm = float(torch.linalg.matrix_norm(jac, 2))
+            if mode == "train":
+                assert norm <= bound
+            else:
+                assert norm <= 1 + 1e-5
+        with torch.no_grad():  # and the layer's forward is that map
+            h = torch.relu(a @ x[0].reshape(-1) + _bias_map(layer, shape))
+            torch.testing.assert_close(
+                layer(x[:1]).reshape(-1), x[0].reshape(-1) - step * a.T @ h, rtol=1e-9, atol=1e-9
+            )
+    layer.eval()
+    assert (layer.lipschitz_bound(shape) if len(shape) == 3 else layer.lipschitz_bound()) == 1 + LAYER_ROUNDING_SLACK
+
+
+def _bias_map(layer, shape):
+    """The bias of the first operator, flattened as its outputs."""
+    if layer.bias is None:
+        return 0.0
+    if len(shape) == 1:
+        return layer.bias.detach()
+    return layer.bias.detach()[:, None, None].expand(-1, *shape[1:]).reshape(-1)
+
+
+def test_a_lazy_cpl_conv_takes_the_size_of_its_first_input():
+    layer = CPLConv2d(2, 3)
+    assert layer.input_size is None
+    layer(torch.randn(1, 2, 6, 5))
+    assert layer.input_size == (6, 5)
+    with pytest.raises(ValueError, match=r"built for input_size \(6, 5\)"):
+        layer(torch.randn(1, 2, 5, 5))
+    anywhere = CPLConv2d(2, 3, input_size="any")
+    for size in (4, 7):
+        anywhere(torch.randn(1, 2, size, size))
+    assert anywhere.input_size is None
+    assert "estimate.u" in layer.state_dict()

@@ -195,7 +195,7 @@ def _layer_pair(
     """``(layer, plain twin, input shape without batch)`` of one family at one width."""
     cls = _layer_class(family)
     if family in ("sll", "cpl"):
-        kw = {"input_size": (size, size), "method": bound_method} if family == "cpl" else {}
+        kw = {"method": bound_method} if family == "cpl" else {}  # CPL takes its input size from its first forward
         return cls(width, **kw), PlainResidualConv2d(width), (width, size, size)
     if family == "orthogonal":
         features = 16 * width

@@ -111,10 +111,15 @@ class _ResidualLayer(nn.Module):
         """The second factor with the scaling folded in (Note [folded scaling])."""
         raise NotImplementedError
 
+    def _back(self, input_shape: Sequence[int], update: bool) -> Tensor:
+        """The second factor the forward uses on inputs of ``input_shape`` (cached in eval mode); ``update``: whether
+        a training forward may move state (CPL's estimate, Note [training estimate])."""
+        params = [self.weight, self.q_log] if self._learned_q else [self.weight]
+        return self._cache.get(self, params, self.back_weight)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        params = [self.weight, self.q_log] if self._learned_q else [self.weight]
-        back = self._cache.get(self, params, self.back_weight)
+        back = self._back(x.shape, torch.is_grad_enabled())
         h = torch.relu(self._first(x))
         return x + self._second(h, back.to(h.dtype))
 
@@ -126,8 +131,7 @@ class _ResidualLayer(nn.Module):
         """How far ``forward`` in ``dtype`` can be from the layer with the ideal (float64-scaled) second factor
         (:func:`~stablenet.spectral.rounding.residual_rounding`); ``input_shape`` excludes the batch dimension."""
         with torch.no_grad():
-            params = [self.weight, self.q_log] if self._learned_q else [self.weight]
-            back = self._cache.get(self, params, self.back_weight)
+            back = self._back((-1, *input_shape), update=False)
             weight = self.weight.detach()
             k = CONSTRAINED_WEIGHT_ROUNDINGS
             pixels, first_norm, back_norm, first_dot, back_dot = self._rounding_geometry(input_shape, weight, back)
