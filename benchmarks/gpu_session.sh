@@ -18,7 +18,11 @@ mkdir -p "$OUT"
 SN="$PY -m stablenet.cli"
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 section() { echo "== $1 ($(date +%T))"; }
-if [ -n "${QUICK:-}" ]; then REPEATS=1; LAYERS="--quick --batch-size 2 --families spectral,sll"; else REPEATS=5; LAYERS=""; fi
+if [ -n "${QUICK:-}" ]; then
+  REPEATS=1; LAYERS="--quick --batch-size 2 --families spectral,sll"; BATCHES="1 8"
+else
+  REPEATS=5; LAYERS=""; BATCHES="1 256"
+fi
 
 section "ResNet-18 bound"
 if [ -z "${QUICK:-}" ]; then
@@ -34,8 +38,8 @@ section "bench layers"
 timeout 240 $SN bench layers --device "$DEVICE" $LAYERS --json "$OUT/bench_layers.jsonl" || echo "bench layers: exit $?"
 
 section "attack step on the demo model"
-for b in 1 256; do
-  timeout 60 $PY benchmarks/attack_step.py --device "$DEVICE" --batch-size "$b" --repeats $((REPEATS * 20)) \
+for b in $BATCHES; do
+  timeout 120 $PY benchmarks/attack_step.py --device "$DEVICE" --batch-size "$b" --repeats $((REPEATS * 20)) \
     --json "$OUT/attack_step.jsonl" || echo "attack step: exit $?"
 done
 
