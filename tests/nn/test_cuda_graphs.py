@@ -20,9 +20,10 @@ def test_capturable_layers():
     assert capturable(snn.SLLLinear(4, 5))
     assert capturable(snn.AOLConv2d(4, 4, 3, padding=1))
     assert capturable(snn.SRLinear(4, 4))
-    assert capturable(snn.CPLConv2d(4, 5))
-    assert capturable(snn.CPLConv2d(4, 5, input_size=8))  # "auto": the fixed-step Gram iteration off the CPU
-    assert capturable(snn.CPLLinear(4, 5))
+    assert not capturable(snn.CPLConv2d(4, 5))  # trains with the power-iteration estimate: nothing to capture
+    assert capturable(snn.CPLConv2d(4, 5, input_size="any", train_estimate=False))
+    assert capturable(snn.CPLConv2d(4, 5, input_size=8, train_estimate=False))  # "auto": fixed-step Gram off the CPU
+    assert capturable(snn.CPLLinear(4, 5, train_estimate=False))
     no = {"train_estimate": False}  # by default spectral layers train with a power step, which is not captured
     assert not capturable(snn.SpectralConv2d(4, 4, 3, padding=1))
     assert capturable(snn.SpectralConv2d(4, 4, 3, padding=1, input_size="any", **no))  # the spatial bound
@@ -32,7 +33,7 @@ def test_capturable_layers():
     assert not capturable(snn.SpectralConv2d(4, 4, 3, padding=1, input_size=8, **no))
     assert not capturable(snn.SpectralConv2d(4, 4, 3, padding=1, input_size=8, method="cholesky", **no))
     assert not capturable(snn.SpectralLinear(4, 4, **no))
-    assert not capturable(snn.CPLConv2d(4, 5, input_size=8, method="cholesky"))
+    assert not capturable(snn.CPLConv2d(4, 5, input_size=8, method="cholesky", train_estimate=False))
     assert not capturable(nn.Conv2d(4, 4, 3))
 
 
@@ -42,9 +43,9 @@ CAPTURABLE = [
     (lambda: snn.SLLLinear(6, 8), (6,)),
     (lambda: snn.AOLConv2d(3, 5, 3, padding=1), (3, 6, 6)),
     (lambda: snn.SRConv2d(3, 3, 3, padding=1), (3, 6, 6)),
-    (lambda: snn.CPLConv2d(3, 4), (3, 6, 6)),
-    (lambda: snn.CPLConv2d(3, 4, input_size=6, method="gram"), (3, 6, 6)),
-    (lambda: snn.CPLLinear(6, 8), (6,)),
+    (lambda: snn.CPLConv2d(3, 4, input_size="any", train_estimate=False), (3, 6, 6)),
+    (lambda: snn.CPLConv2d(3, 4, input_size=6, method="gram", train_estimate=False), (3, 6, 6)),
+    (lambda: snn.CPLLinear(6, 8, train_estimate=False), (6,)),
     # spectral layers train with the power-iteration estimate by default (nothing to capture); with the bound:
     (lambda: snn.SpectralConv2d(3, 4, 3, padding=1, input_size="any", train_estimate=False), (3, 6, 6)),
     (

@@ -99,6 +99,8 @@ def capturable(module: nn.Module) -> bool:
     from stablenet.nn.cpl import CPLConv2d, CPLLinear
     from stablenet.nn.sll import SLLConv2d, SLLLinear
 
+    if isinstance(module, (CPLLinear, CPLConv2d)) and module.train_estimate:
+        return False  # trains with a power step, not the map (Note [training estimate])
     if isinstance(module, (SLLConv2d, SLLLinear, CPLLinear)):
         return True
     if isinstance(module, CPLConv2d):
