@@ -62,7 +62,8 @@ class PowerEstimate(nn.Module):
             u = u / u.norm()
         if fresh or update:
             u = self._steps(apply, weight.detach(), u, INIT_STEPS if fresh else 1)
-            self.u = u
+            if not torch._C._are_functorch_transforms_active():  # never keep a transform's wrapped tensor as state
+                self.u = u
         return torch.linalg.vector_norm(apply(u, weight))
 
     @staticmethod
