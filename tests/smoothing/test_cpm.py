@@ -162,6 +162,67 @@ def test_temperature_selection_beats_the_fixed_default_on_a_1_lipschitz_model():
     assert float(b.radius.mean()) > 2 * float(a.radius.mean())
 
 
+def test_temperature_selection_matches_or_beats_cohen_where_the_votes_saturate():
+    # Ten classes, logits = scale * x (scale-Lipschitz), points up to 3 / sqrt(2) from the boundary at sigma = 0.5:
+    # far points give 100/100 selection votes for soft and hard votes alike, while with n = 100 000 estimation
+    # draws the hard votes certify more there. A selection on the vote counts chose the soft votes by their finite
+    # l and fell below Cohen's mean radius; the selection on the scores (Note [selection scores]) must not.
+    sigma, alpha, num_points, k = 0.5, 0.001, 200, 10
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(num_points, k, generator=gen, dtype=torch.float64)
+    label = torch.randint(k, (num_points,), generator=gen)
+    runner_up = x.scatter(1, label[:, None], -1.0).max(dim=1).values
+    x[torch.arange(num_points), label] = runner_up + 3.0 * torch.rand(num_points, generator=gen).double()
+    distance = (x[torch.arange(num_points), label] - runner_up) / math.sqrt(2)
+    images = x.view(num_points, 1, 1, k)
+    for scale in (1.0, 10.0):
+        model = Scaled(scale)
+        chosen = CPMSmooth(model, k, sigma, lipschitz=scale, input_range=None, temperatures=CPM_TEMPERATURES)
+        b = chosen.certify_detailed(images, n0=100, n=100_000, alpha=alpha, batch_size=100_000, generator=1)
+        answered = b.prediction != ABSTAIN
+        assert int((answered & ((b.prediction != label) | (b.radius >= distance))).sum()) == 0
+        _, cohen = Smooth(model, k, sigma, input_range=None).certify(
+            images, n0=100, n=100_000, alpha=alpha, batch_size=100_000, generator=1
+        )
+        assert float(b.radius.mean()) >= float(cohen.double().mean())
+
+
+class Scaled(nn.Module):
+    """Logits ``scale * x.flatten(1)``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x.flatten(1)
+
+
+def test_selection_frequencies_of_hard_votes_follow_the_gaussian_margin():
+    # Binary linear logits (t, -t) at signed distances up to 4 sigma: the hard vote for class 0 has probability
+    # Phi(t / sigma) exactly. The Gaussian margin model recovers it from 400 draws, also where every draw votes the
+    # same way (the counts alone would say 1); pessimistic by about one standard error, so below the exact value
+    # on average. The soft frequencies are mean scores: rows sum to 1.
+    sigma, num, points = 0.5, 400, 40
+    model, x, _ = binary_problem(points, d=4, seed=2)
+    w, b = model.linear.weight[0].detach(), float(model.linear.bias.detach())
+    s = torch.linspace(0.05, 2.0, points, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(points // 2)
+    x = x - (x @ w + b)[:, None] * w + s[:, None] * w
+    smooth = CPMSmooth(model, 2, sigma, lipschitz=math.sqrt(2), input_range=None, temperatures=(1.0,))
+    counts, freq = smooth._candidate_counts(x, num, (math.inf, 1.0), 100_000, torch.Generator().manual_seed(0))
+    exact = sps.norm.cdf(s.abs().numpy() / sigma)
+    top = counts[:, 0].argmax(axis=1)
+    assert np.all(top == np.where(s.numpy() > 0, 0, 1))
+    p_top = freq[np.arange(points), 0, top]
+    np.testing.assert_allclose(p_top, exact, atol=0.03)
+    assert float(np.mean(p_top - exact)) < 0
+    saturated = counts[np.arange(points), 0, top] == num
+    assert saturated.sum() >= 10
+    assert np.all(p_top[saturated] < 1) and np.all(1 - p_top[saturated] < 20 * (1 - exact[saturated]) + 1e-4)
+    np.testing.assert_allclose(freq.sum(axis=2), 1.0, atol=1e-12)
+    assert np.all(counts.sum(axis=2) == num)
+
+
 def test_temperature_selection_without_a_bound_is_the_hard_vote_certifier():
     model, x, _ = binary_problem(30, d=4, seed=3)
     plain = CPMSmooth(model, 2, 0.5, lipschitz=math.inf, input_range=None)

@@ -217,6 +217,23 @@ def test_predicted_radius_takes_the_best_bucket_count_and_the_lipschitz_gain():
         predicted_radius(sel, 0, 0.001, 1, sigma=0.5, lipschitz=1.0)
 
 
+def test_predicted_radius_plugs_in_given_frequencies_as_they_are():
+    # Given frequencies replace the pessimistic selection frequencies: no further lowering, the same bounds.
+    sel = np.array([[100, 0], [70, 30]])
+    n, alpha, sigma = 100_000, 0.001, 0.5
+    freq = np.array([[0.9999, 0.0001], [0.7, 0.3]])
+    got = predicted_radius(sel, n, alpha, 1, sigma=sigma, lipschitz=math.inf, frequencies=freq)
+    lower = stats.clopper_pearson_lower(freq[:, 0] * n, n, alpha)
+    upper = stats.clopper_pearson_upper(freq[:, 1] * n, n, alpha)
+    np.testing.assert_allclose(got, 0.5 * sigma * (sps.norm.ppf(lower) - sps.norm.ppf(upper)), rtol=1e-9)
+    counts_only = predicted_radius(sel, n, alpha, 1, sigma=sigma, lipschitz=math.inf)
+    assert got[1] > counts_only[1]  # 0.7 as given, not lowered by a standard error
+    with pytest.raises(ValueError, match="frequencies must have the shape"):
+        predicted_radius(sel, n, alpha, 1, sigma=sigma, lipschitz=1.0, frequencies=freq[:1])
+    with pytest.raises(ValueError, match="frequencies must hold probabilities"):
+        predicted_radius(sel, n, alpha, 1, sigma=sigma, lipschitz=1.0, frequencies=freq + 1)
+
+
 # ------------------------------------------------------------------------------------------- checks
 def test_pure_functions_reject_bad_arguments():
     with pytest.raises(ValueError, match="sigma"):

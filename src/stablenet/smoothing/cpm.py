@@ -28,7 +28,8 @@ constant :math:`\ell = sL\sqrt2/4` (a large Lipschitz gain in the radius) but fl
 and CPM abstains nearly everywhere. With ``temperatures`` set, :class:`CPMSmooth` therefore chooses, per input,
 among the soft votes at each :math:`s` and the hard votes, the candidate whose radius
 :func:`~stablenet.smoothing.cpm_radii.predicted_radius` predicts from the ``n0`` selection draws (every candidate
-votes on the same noisy copies, each with its own Gumbel draws); ties go to the hard votes. The bounds then come
+votes on the same noisy copies, each with its own Gumbel draws; the prediction uses the scores behind the votes,
+Note [selection scores]); ties go to the hard votes. The bounds then come
 from ``n`` fresh draws of the chosen candidate alone, which are independent of the choice, so they hold at their
 nominal level conditionally on it (the same argument as LVM-RS's Note [selection and estimation]). The choice is
 returned (``inverse_temperature``, ``inf`` for hard votes) and recorded by certification runs, so that ``verify``
@@ -44,6 +45,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import scipy.stats
 import torch
 from torch import Tensor, nn
 
@@ -59,6 +61,7 @@ from stablenet.smoothing.cpm_radii import (
     CPMBounds,
     cpm_bounds,
     cpm_radius,
+    lower_top,
     predicted_radius,
     softmax_score_lipschitz,
 )
@@ -344,10 +347,12 @@ class CPMSmooth:
         temps = (math.inf, *self.temperatures)  # hard votes first: ties go to them
         ells = [softmax_score_lipschitz(self.lipschitz, s) if math.isfinite(s) else math.inf for s in temps]
         with _eval_mode(self.base_model):
-            sel = self._candidate_counts(x, n0, temps, batch_size, gen).cpu().numpy()
+            sel, freq = self._candidate_counts(x, n0, temps, batch_size, gen)
         predicted = np.stack(
             [
-                predicted_radius(sel[:, c], n, alpha, self.num_buckets, sigma=self.sigma, lipschitz=ell)
+                predicted_radius(
+                    sel[:, c], n, alpha, self.num_buckets, sigma=self.sigma, lipschitz=ell, frequencies=freq[:, c]
+                )
                 for c, ell in enumerate(ells)
             ],
             axis=1,
@@ -387,15 +392,17 @@ class CPMSmooth:
     @torch.no_grad()
     def _candidate_counts(
         self, x: Tensor, num: int, temps: tuple[float, ...], batch_size: int, gen: torch.Generator
-    ) -> Tensor:
-        """``(N, len(temps), K)`` vote counts of every candidate on the same ``num`` noisy copies of each input
-        (soft votes at each finite ``s``, each with its own Gumbel draws; hard votes at ``s = inf``)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vote counts ``(N, len(temps), K)`` of every candidate on the same ``num`` noisy copies of each input
+        (soft votes at each finite ``s``, each with its own Gumbel draws; hard votes at ``s = inf``), and the
+        pessimistic vote frequencies the selection predicts from (same shape; Note [selection scores])."""
         k = self.num_classes
         soft = torch.tensor([s for s in temps if math.isfinite(s)], dtype=torch.float64, device=x.device)
         hard = [c for c, s in enumerate(temps) if not math.isfinite(s)]
         order = hard + [c for c, s in enumerate(temps) if math.isfinite(s)]  # rows of `votes` -> candidates
         slot = torch.as_tensor(order, device=x.device)
         counts = torch.zeros(len(x) * len(temps) * k, dtype=torch.long, device=x.device)
+        stats = dict.fromkeys(("p", "p2", "z", "zz"), None)
         for index, logits in sampling.noisy_outputs(self.base_model, x, num, self.sigma, batch_size, gen):
             if logits.ndim != 2 or logits.shape[1] != k:
                 raise ValueError(
@@ -409,4 +416,56 @@ class CPMSmooth:
             votes = torch.cat([z.argmax(dim=-1).expand(len(hard), -1), votes])  # (candidates, B)
             flat = (index[None, :] * len(temps) + slot[:, None]) * k + votes
             counts.scatter_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1))
-        return counts.view(len(x), len(temps), k)
+            probs = torch.softmax(soft[None, :, None] * z[:, None, :], dim=-1)  # (B, soft, K)
+            for key, value in (("p", probs), ("p2", probs.square()), ("z", z), ("zz", z[:, :, None] * z[:, None, :])):
+                if stats[key] is None:
+                    stats[key] = torch.zeros((len(x), *value.shape[1:]), dtype=torch.float64, device=x.device)
+                stats[key].index_add_(0, index, value)
+        counts = counts.view(len(x), len(temps), k).cpu().numpy()
+        moments = {key: value.cpu().numpy() / num for key, value in stats.items()}
+        freq = np.empty(counts.shape)
+        for c, row in enumerate(order):
+            top = counts[:, row].argmax(axis=1)
+            if c < len(hard):
+                freq[:, row] = _hard_frequencies(moments["z"], moments["zz"], top, num)
+            else:
+                j = c - len(hard)
+                freq[:, row] = _soft_frequencies(moments["p"][:, j], moments["p2"][:, j], top, num)
+        return counts, freq
+
+
+# Note [selection scores]
+# The selection only has to rank the candidates well; any rule keeps the certificate valid (the bounds come from
+# fresh draws). Vote counts rank them badly where they matter most: with n0 = 100 draws, soft votes with
+# p_A = 0.995 and hard votes with p_A = 0.9999 both show 100/100, yet with n = 100 000 estimation draws the
+# second gives the larger radius. So the selection predicts from the scores behind the votes, on the same draws:
+# a soft vote at s is a draw from softmax(s z), whose mean over the draws estimates p_A with far less noise than
+# the votes; a hard vote is 1[z_A > z_k for all k], and modelling each margin z_A - z_k as Gaussian (its mean and
+# standard deviation over the draws; t_k = mean / std) gives P(vote k) ~ Phi(-t_k) far beyond the 1/n0
+# resolution of the counts. Each estimate is made pessimistic by one standard error, as predicted_radius does for
+# counts (the mean lowered by std/sqrt(n0); t_k lowered by sqrt((1 + t_k^2/2)/n0), its delta-method error).
+def _soft_frequencies(mean: np.ndarray, mean_sq: np.ndarray, top: np.ndarray, num: int) -> np.ndarray:
+    """Mean softmax scores ``(N, K)`` with the ``top`` class's lowered by one standard error (Note [selection
+    scores])."""
+    top = top[:, None]
+    p_top = np.take_along_axis(mean, top, axis=1)
+    var = np.maximum(np.take_along_axis(mean_sq, top, axis=1) - p_top**2, 0.0) * num / max(num - 1, 1)
+    return lower_top(mean, top, np.clip(p_top - np.sqrt(var / num), 0.0, 1.0))
+
+
+def _hard_frequencies(z_mean: np.ndarray, zz_mean: np.ndarray, top: np.ndarray, num: int) -> np.ndarray:
+    """Hard-vote probabilities ``(N, K)`` from a Gaussian model of the margins ``z_top - z_k`` (Note [selection
+    scores])."""
+    rows = np.arange(len(top))
+    cov = (zz_mean - z_mean[:, :, None] * z_mean[:, None, :]) * num / max(num - 1, 1)
+    mu = z_mean[rows, top][:, None] - z_mean
+    var = np.maximum(cov[rows, top, top][:, None] + np.diagonal(cov, axis1=1, axis2=2) - 2 * cov[rows, top], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(var > 0, mu / np.sqrt(var), np.where(mu > 0, np.inf, np.where(mu < 0, -np.inf, 0.0)))
+        t = t - np.where(np.isfinite(t), np.sqrt((1.0 + 0.5 * t**2) / num), 0.0)
+    lose = scipy.stats.norm.sf(t)
+    lose[rows, top] = 0.0
+    total = lose.sum(axis=1, keepdims=True)
+    lose = np.where(total > 1.0, lose / np.where(total > 1.0, total, 1.0), lose)
+    lose[rows, top] = 1.0 - np.minimum(total[:, 0], 1.0)
+    return lose

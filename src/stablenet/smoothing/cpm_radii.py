@@ -383,7 +383,14 @@ def _plan(
 
 
 def predicted_radius(
-    counts_selection: np.ndarray, n: int, alpha: float, num_buckets: int, *, sigma: float, lipschitz: float
+    counts_selection: np.ndarray,
+    n: int,
+    alpha: float,
+    num_buckets: int,
+    *,
+    sigma: float,
+    lipschitz: float,
+    frequencies: np.ndarray | None = None,
 ) -> np.ndarray:
     r"""The radius :func:`cpm_bounds` and :func:`cpm_radius` are predicted to give with ``n`` estimation draws.
 
@@ -391,7 +398,9 @@ def predicted_radius(
     :math:`\sqrt{\hat p(1-\hat p)/n_0}`, the others raised in proportion to keep the sum), are plugged in as if
     they were the estimation ones (scaled to ``n`` draws), with the bucket count :func:`cpm_bounds` would choose
     and the top class of the raw counts. Without that margin a tiny ``lipschitz`` would make a noise-level lead
-    among ``n0`` draws look like a huge radius. It is a *selection rule*, not a certificate: a certifier may pick
+    among ``n0`` draws look like a huge radius. ``frequencies`` (shape ``(N, K)``, rows summing to 1), when given,
+    replaces that plug-in: a better estimate of the vote probabilities from the same draws (e.g. mean softmax
+    scores), already made pessimistic by the caller. It is a *selection rule*, not a certificate: a certifier may pick
     among candidate classifiers (e.g. temperatures, each with its own ``lipschitz``) by it, because the bounds are
     then computed on fresh draws (:class:`~stablenet.smoothing.cpm.CPMSmooth`, Note [temperature selection]).
     Negative where no certificate is predicted (the closer to 0, the closer to certifying), ``-inf`` where the
@@ -409,18 +418,30 @@ def predicted_radius(
     sigma = _check_positive("sigma", sigma)
     lipschitz = _check_lipschitz(lipschitz)
     sel = _check_counts("counts_selection", counts_selection)
-    n0 = np.maximum(sel.sum(axis=1, keepdims=True), 1).astype(np.float64)
-    freq = sel / n0
-    top = sel.argmax(axis=1)[:, None]
+    if frequencies is not None:
+        freq = _check_probability("frequencies", frequencies)
+        if freq.shape != sel.shape:
+            raise ValueError(f"frequencies must have the shape of counts_selection {sel.shape}; got {freq.shape}")
+    else:
+        n0 = np.maximum(sel.sum(axis=1, keepdims=True), 1).astype(np.float64)
+        freq = sel / n0
+        top = sel.argmax(axis=1)[:, None]
+        p_top = np.take_along_axis(freq, top, axis=1)
+        freq = lower_top(freq, top, np.maximum(p_top - np.sqrt(p_top * (1.0 - p_top) / n0), 0.0))
+    *_, gaps = _plan(sel, np.full(len(sel), n), alpha, num_buckets, sigma, lipschitz, freq)
+    with np.errstate(invalid="ignore"):
+        return 0.5 * sigma * gaps.max(axis=1, initial=-np.inf)
+
+
+def lower_top(freq: np.ndarray, top: np.ndarray, lowered: np.ndarray) -> np.ndarray:
+    """``freq`` (``(N, K)``, rows summing to 1) with the ``top`` column (``(N, 1)``) set to ``lowered`` and the
+    other columns raised in proportion, so that rows still sum to 1 (unchanged where the others are all 0)."""
     p_top = np.take_along_axis(freq, top, axis=1)
-    lowered = np.maximum(p_top - np.sqrt(p_top * (1.0 - p_top) / n0), 0.0)
     others = 1.0 - p_top
     scale = np.divide(1.0 - lowered, others, out=np.ones_like(others), where=others > 0)
     freq = freq * scale
     np.put_along_axis(freq, top, lowered, axis=1)
-    *_, gaps = _plan(sel, np.full(len(sel), n), alpha, num_buckets, sigma, lipschitz, freq)
-    with np.errstate(invalid="ignore"):
-        return 0.5 * sigma * gaps.max(axis=1, initial=-np.inf)
+    return freq
 
 
 # ----------------------------------------------------------------------------------------- checks
