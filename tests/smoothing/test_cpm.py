@@ -135,18 +135,26 @@ def test_temperature_selection_is_sound_at_any_logit_scale(scale):
     assert answered.mean() >= (0.75 if scale >= 1 else 0.4)
 
 
+def ten_class_points(num_points: int, lead: tuple[float, float], k: int = 10):
+    """Points in [0, 1]^k whose true class leads the runner-up by a uniform amount in ``lead``: under logits = x
+    (or any positive multiple), the smoothed classifier (soft votes at any s, or hard votes) is argmax x by
+    symmetry, constant exactly on the ball of radius (x_A - x_B) / sqrt(2), the returned ``distance``."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(num_points, k, generator=gen, dtype=torch.float64)
+    label = torch.randint(k, (num_points,), generator=gen)
+    runner_up = x.scatter(1, label[:, None], -1.0).max(dim=1).values
+    gap = lead[0] + (lead[1] - lead[0]) * torch.rand(num_points, generator=gen).double()
+    x[torch.arange(num_points), label] = runner_up + gap
+    return x, label, (x[torch.arange(num_points), label] - runner_up) / math.sqrt(2)
+
+
 def test_temperature_selection_beats_the_fixed_default_on_a_1_lipschitz_model():
     # Ten classes, logits = x (a 1-Lipschitz map), the true class ahead of the runner-up by 0.1 to 1. By symmetry
     # the smoothed classifier (soft votes at any s, or hard votes) is argmax x, constant exactly on the ball of
     # radius (x_A - x_B) / sqrt(2). CPM's fixed default s = 1 gives nearly uniform votes (softmax of logits that
     # differ by < 1): it abstains on most points. Choosing the votes per point must certify far more.
     sigma, alpha, num_points, k = 0.25, 0.001, 200, 10
-    gen = torch.Generator().manual_seed(4)
-    x = torch.rand(num_points, k, generator=gen, dtype=torch.float64)
-    label = torch.randint(k, (num_points,), generator=gen)
-    runner_up = x.scatter(1, label[:, None], -1.0).max(dim=1).values
-    x[torch.arange(num_points), label] = runner_up + 0.1 + 0.9 * torch.rand(num_points, generator=gen).double()
-    distance = (x[torch.arange(num_points), label] - runner_up) / math.sqrt(2)
+    x, label, distance = ten_class_points(num_points, lead=(0.1, 1.0))
     identity = nn.Identity()
     fixed = CPMSmooth(identity, k, sigma, lipschitz=1.0, input_range=None)
     chosen = CPMSmooth(identity, k, sigma, lipschitz=1.0, input_range=None, temperatures=CPM_TEMPERATURES)
@@ -168,12 +176,7 @@ def test_temperature_selection_matches_or_beats_cohen_where_the_votes_saturate()
     # draws the hard votes certify more there. A selection on the vote counts chose the soft votes by their finite
     # l and fell below Cohen's mean radius; the selection on the scores (Note [selection scores]) must not.
     sigma, alpha, num_points, k = 0.5, 0.001, 200, 10
-    gen = torch.Generator().manual_seed(4)
-    x = torch.rand(num_points, k, generator=gen, dtype=torch.float64)
-    label = torch.randint(k, (num_points,), generator=gen)
-    runner_up = x.scatter(1, label[:, None], -1.0).max(dim=1).values
-    x[torch.arange(num_points), label] = runner_up + 3.0 * torch.rand(num_points, generator=gen).double()
-    distance = (x[torch.arange(num_points), label] - runner_up) / math.sqrt(2)
+    x, label, distance = ten_class_points(num_points, lead=(0.0, 3.0))
     images = x.view(num_points, 1, 1, k)
     for scale in (1.0, 10.0):
         model = Scaled(scale)
