@@ -5,7 +5,9 @@ An attack step is one forward in eval mode and the gradient of the loss with res
 AutoAttack). The model is the digits demo model (``stablenet.workflows.demo.DEMO_CONFIG``) in float64, as
 ``stablenet verify`` runs it, or the model of a run directory. The two steps alternate; medians of ``--repeats``.
 A third column times the uncached path (every forward recomputes the constrained weights), the cost before the
-cache served these forwards.
+cache served these forwards. Two more time the model exported to plain torch layers (``export_model``), with its
+parameters requiring grad and frozen: torch's own cost of a step whose parameters require grad (it records the
+parameters' edges in every op), the floor for any constrained model.
 
 Usage: python benchmarks/attack_step.py [--run DIR] [--batch-size 64] [--repeats 50] [--device cpu] [--json OUT]
 """
@@ -26,6 +28,7 @@ from torch import nn
 from stablenet.bench.provenance import provenance
 from stablenet.models import create_model, load_model
 from stablenet.nn import base
+from stablenet.nn.export import export_model
 from stablenet.workflows.demo import DEMO_CONFIG
 
 
@@ -75,12 +78,15 @@ def main() -> None:
     device = torch.device(args.device)
     model = model.double().eval().to(device)
     frozen = copy.deepcopy(model).requires_grad_(False)
+    exported = export_model(copy.deepcopy(model)).requires_grad_(True)
     x = torch.rand(args.batch_size, 1, 8, 8, dtype=torch.float64, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     steps = {
         "params_require_grad": attack_step(model, x, y),
         "frozen": attack_step(frozen, x, y),
         "uncached": uncached(attack_step(copy.deepcopy(model), x, y)),
+        "plain_require_grad": attack_step(exported, x, y),
+        "plain_frozen": attack_step(copy.deepcopy(exported).requires_grad_(False), x, y),
     }
     for step in steps.values():
         step()
@@ -100,12 +106,13 @@ def main() -> None:
         **{f"{k}_ms": v for k, v in ms.items()},
         "ratio_to_frozen": ms["params_require_grad"] / ms["frozen"],
         "uncached_ratio_to_frozen": ms["uncached"] / ms["frozen"],
+        "plain_ratio_to_frozen": ms["plain_require_grad"] / ms["plain_frozen"],
         "provenance": provenance(device=device),
     }
     print(
         f"{name}: attack step {ms['params_require_grad']:.2f} ms with parameters requiring grad, "
         f"{ms['frozen']:.2f} ms frozen (x{row['ratio_to_frozen']:.2f}); uncached {ms['uncached']:.2f} ms "
-        f"(x{row['uncached_ratio_to_frozen']:.1f})"
+        f"(x{row['uncached_ratio_to_frozen']:.1f}); the exported plain model x{row['plain_ratio_to_frozen']:.2f}"
     )
     if args.json is not None:
         with open(args.json, "a") as f:

@@ -15,6 +15,21 @@ addresses cannot be reused by new tensors while the key stands. The comparison r
 loops that run one fixed model many times (randomized smoothing's sampling) wrap each forward in
 :func:`checked_once`, so each cache compares once per loop, not once per forward.
 
+# Note [cached weights with gradients]
+An attack on a trained model (PGD, AutoAttack) runs it in eval mode with gradients on, and its parameters
+require grad as torch leaves them: recomputing the constrained weights in every forward would make each attack
+step pay the constraint (70 times the frozen cost on the digits demo model). So in eval mode the cache serves
+those forwards too, through :class:`_CachedMap`, an autograd node whose forward returns the cached weights
+and whose backward, only when a gradient with respect to the parameters is requested, recomputes the map with
+its graph and returns the exact vector-Jacobian product (with a graph of its own when ``create_graph`` asks for
+one, so Hessian-vector products stay exact). Input gradients never run the map. The parameters are saved for
+backward, so writing one in place between forward and backward raises autograd's usual error instead of
+returning the gradient of other weights. Under ``torch.func`` transforms and forward-mode AD the map runs in the
+forward, as in training, and its result is never stored: every tensor made inside a transform belongs to it
+(``lipschitz_lower_bound``'s ``jvp`` over the inputs wraps even weights computed from plain parameters), and a
+stored one broke the next ``deepcopy`` of the model. An entry stored outside still serves plain parameters that
+need no gradient there.
+
 # Note [rounding slack]
 ``lipschitz_bound()`` bounds the layer's *exact* map, the one with the ideal weights its constraint computes in
 float64 (Note [constraint precision]); their own float64 rounding moves its norm by about 1e-13. It returns
@@ -35,9 +50,11 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 __all__ = ["LAYER_ROUNDING_SLACK", "WeightCache", "at_least_float32", "checked_once"]
 
@@ -75,12 +92,26 @@ class WeightCache:
     def get(self, module: nn.Module, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
         """Return ``compute()``, reusing the cached value in eval mode when no parameter needs a gradient and no
         parameter's values changed since it was computed (Note [eval cache])."""
-        if module.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if module.training:
             self.clear()
-            if self.graphs is not None and module.training and self.graphs.applies(params):
+            if self.graphs is not None and self.graphs.applies(params):
                 return self.graphs(module, params, compute)  # Note [captured weight maps] in stablenet.nn.cuda_graphs
             return compute()
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if torch._C._are_functorch_transforms_active() or _dual(params):
+            # Note [cached weights with gradients]: nothing computed inside a transform is kept (its tensors belong
+            # to the transform); a valid entry from outside serves plain parameters that need no gradient.
+            plain = not any(torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params)
+            if plain and not grad and self._key == _key(params) and self._unchanged(params):
+                return self._value
+            return compute()
+        value = self._lookup(params, compute)
+        if grad and isinstance(value, Tensor):  # Note [cached weights with gradients]
+            return _CachedMap.apply(compute, value, *params)
+        return value
+
+    def _lookup(self, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
+        key = _key(params)
         checked = _CHECKED.get()
         if checked is not None and key == self._key and id(self) in checked:
             return self._value
@@ -104,6 +135,41 @@ class WeightCache:
 
     def clear(self) -> None:
         self._key, self._value, self._alive, self._values = None, None, [], []
+
+
+def _key(params: Sequence[Tensor]) -> tuple:
+    """What a cache entry is filed under: each parameter's storage address and version counter."""
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+def _dual(params: Sequence[Tensor]) -> bool:
+    """Whether a parameter carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(p).tangent is not None for p in params)
+
+
+class _CachedMap(torch.autograd.Function):
+    """The cached weights as an autograd node over the parameters (Note [cached weights with gradients])."""
+
+    @staticmethod
+    def forward(ctx: Any, compute: Callable[[], Tensor], value: Tensor, *params: Tensor) -> Tensor:
+        ctx.compute = compute
+        ctx.save_for_backward(*params)
+        return value.view_as(value)  # a new tensor object: the cached one never gets this node as its grad_fn
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        params = ctx.saved_tensors  # raises if a parameter was written in place since the forward
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+        out: list[Tensor | None] = [None] * len(params)
+        if wanted:
+            with torch.enable_grad():
+                value = ctx.compute()
+            grads = torch.autograd.grad(
+                value, [params[i] for i in wanted], grad, allow_unused=True, create_graph=torch.is_grad_enabled()
+            )
+            for i, g in zip(wanted, grads, strict=True):
+                out[i] = g
+        return (None, None, *out)
 
 
 def at_least_float32(t: Tensor) -> Tensor:
