@@ -632,6 +632,35 @@ def results_cpu() -> str:
     return sources(*paths) + "\n" + markdown(header, body, "llrlrrrrr")
 
 
+@table("explore-cpu")
+def explore_cpu() -> str:
+    """benchmarks/explore_mnist_10min.sh: one change at a time against the 10-minute MNIST recipe."""
+    folder = RESULTS / "cpu" / "explore"
+    paths = sorted(
+        f"cpu/explore/{p.parent.name}/{p.name}" for p in folder.glob("*/*.json") if not p.stem.endswith("-fast")
+    )
+    if not paths:
+        return "No variant has been run yet.\n"
+    body = []
+    for path in paths:
+        row = document(path)
+        changed = {k: v for k, v in row["changed"].items() if k != "time_budget"}
+        values = row["methods"]["lipschitz"]
+        certified = sorted(values["certified"].items(), key=lambda item: _radius_value(item[0]))
+        body.append(
+            (
+                f"`{path.split('/')[2]}`",
+                ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in changed.items()) or "(the recipe)",
+                f"{100 * values['clean']:.1f}",
+                " / ".join(f"{100 * a:.1f}" for _, a in certified),
+                row["epochs"],
+                f"{row['train_wall_s'] / 60:.1f} min",
+            )
+        )
+    header = ("variant", "change", "clean %", "certified % (ε = 0.5 / 1 / 1.58 / 2)", "epochs", "training")
+    return sources(*paths) + "\n" + markdown(header, body, "llrlrr")
+
+
 # The README.
 
 MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
