@@ -1,6 +1,7 @@
 """``bench layers``: rows with the required fields on tiny shapes, from the library and from the command line."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -175,3 +176,24 @@ def test_cli_bound_method(capsys):
     assert "bound_method must be one of" in capsys.readouterr().err
     assert main(["bench", "curvature", "--quick", "--spectral-n-iter", "6"]) == 2
     assert "spectral_n_iter applies to the layers suite only" in capsys.readouterr().err
+
+
+def test_reference_rows_measure_the_orthogonium_layers_beside_ours():
+    pytest.importorskip("orthogonium")
+    rows = bench_layers(device="cpu", config=tiny_config(), families=["aol", "orthogonium_aol", "orthogonium_sll"])
+    assert [r["layer"] for r in rows if r["mode"] == "train"][:1] == ["aol"]
+    by_layer = {r["layer"] for r in rows}
+    assert by_layer == {"aol", "orthogonium_aol", "orthogonium_sll"}
+    for row in rows:
+        assert row["time_ms"] > 0 and row["plain_time_ms"] > 0
+        assert row["ratio_to_plain"] == pytest.approx(row["time_ms"] / row["plain_time_ms"])
+
+
+def test_reference_rows_without_the_package_fail_before_measuring(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "orthogonium", None)  # an import of it now raises ImportError
+    monkeypatch.setitem(sys.modules, "orthogonium.layers.conv.AOL.aol", None)
+    with pytest.raises(ImportError, match=r"orthogonium_aol row measures the orthogonium package's layer"):
+        bench_layers(device="cpu", config=tiny_config(), families=["sll", "orthogonium_aol"])
+    assert main(["bench", "layers", "--quick", "--families", "orthogonium_aol"]) != 0
+    err = capsys.readouterr().err
+    assert "pip install orthogonium" in err and "Traceback" not in err

@@ -25,6 +25,10 @@ ratio isolates the constraint. Residual layers (SLL, CPL) are measured against t
 the constraint, :math:`x - K^\\top \\mathrm{ReLU}(K x + b)` (``PlainResidualConv2d``). The model's twin
 replaces every SLL layer by that plain residual, the pooling by ``nn.AvgPool2d`` and the head by ``nn.Linear``.
 
+Independent implementations (:data:`REFERENCE_FAMILIES`, only when ``families`` names them): the ``orthogonium``
+package's SLL and AOL convolutions, measured against the same plain twins as our ``sll`` and ``aol`` rows, so the
+two ratios come from one run (the package is an optional install, not a dependency).
+
 Times are medians of ``repeats`` runs after ``warmup`` runs, layer and twin alternating, with
 ``torch.cuda.synchronize`` around each run on a GPU. ``peak_mem_mb`` (CUDA only, else ``None``) is the memory a
 step needs: the module's parameters and buffers plus the peak of ``torch.cuda.max_memory_allocated`` above what
@@ -59,6 +63,7 @@ __all__ = [
     "HEADER",
     "LAYER_FAMILIES",
     "MODES",
+    "REFERENCE_FAMILIES",
     "LayersBenchConfig",
     "PlainResidualConv2d",
     "PlainResidualLinear",
@@ -71,6 +76,11 @@ __all__ = [
 #: Layer families of the benchmark, in row order.
 LAYER_FAMILIES = ("sll", "cpl", "aol", "sr", "spectral", "cayley", "orthogonal")
 
+
+#: Independent implementations measured beside ours, in the same run, when ``families`` lists them (never by
+#: default): the SLL convolution and the AOL convolution of the ``orthogonium`` package (``pip install
+#: orthogonium``), the layers a user would otherwise take, with the same plain twins as our ``sll`` and ``aol`` rows.
+REFERENCE_FAMILIES = ("orthogonium_sll", "orthogonium_aol")
 
 #: The row of each benchmark family: a layer family's convolution (``stablenet.nn.families``), or its dense layer.
 _ROWS = {family: (family, "conv") for family in LAYER_FAMILIES}
@@ -85,7 +95,7 @@ class LayersBenchConfig:
         batch_size: examples per step for the layers and the model.
         image_size: height and width of the feature maps and of the model's input images.
         widths: channels of the convolutional layers (dense layers use ``16 * width`` features).
-        families: layer families, a subset of :data:`LAYER_FAMILIES`.
+        families: layer families, a subset of :data:`LAYER_FAMILIES` and :data:`REFERENCE_FAMILIES`.
         model: a registry name of an SLL or CPL network (``None``: no model rows).
         model_options: options passed to ``create_model`` (e.g. a smaller width for smoke tests).
         bf16_batch_size: batch of the bf16 autocast training rows (CUDA only).
@@ -182,7 +192,24 @@ def plain_sll_network(
     )
 
 
-def _layer_class(family: str) -> type[nn.Module]:
+def _orthogonium(family: str) -> Callable[[int], nn.Module]:
+    """The constructor of a reference row's layer (width -> module); ImportError naming the package if missing."""
+    try:
+        from orthogonium.layers.conv.AOL.aol import AOLConv2D
+        from orthogonium.layers.conv.SLL.sll_layer import SDPBasedLipschitzResBlock
+    except ImportError as e:
+        raise ImportError(
+            f"the {family} row measures the orthogonium package's layer, which is not installed "
+            "(pip install orthogonium); leave the row out or install it"
+        ) from e
+    if family == "orthogonium_sll":
+        return lambda width: SDPBasedLipschitzResBlock(width, inner_dim_factor=1, kernel_size=3)
+    return lambda width: nn.Sequential(AOLConv2D(width, width, 3, padding=1), nn.ReLU())
+
+
+def _layer_class(family: str) -> Callable[..., nn.Module]:
+    if family in REFERENCE_FAMILIES:
+        return _orthogonium(family)
     if family not in _ROWS:
         raise ValueError(f"family must be one of {', '.join(LAYER_FAMILIES)}; got {family!r}")
     name, role = _ROWS[family]
@@ -194,6 +221,10 @@ def _layer_pair(
 ) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """``(layer, plain twin, input shape without batch)`` of one family at one width."""
     cls = _layer_class(family)
+    if family == "orthogonium_sll":
+        return cls(width), PlainResidualConv2d(width), (width, size, size)
+    if family == "orthogonium_aol":
+        return cls(width), nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU()), (width, size, size)
     if family in ("sll", "cpl"):
         kw = {"method": bound_method} if family == "cpl" else {}  # CPL takes its input size from its first forward
         return cls(width, **kw), PlainResidualConv2d(width), (width, size, size)
@@ -416,13 +447,13 @@ def bench_layers(
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         cfg = replace(cfg, batch_size=batch_size)
     if families is not None:
-        accepted = (*LAYER_FAMILIES, *([cfg.model] if cfg.model else []))
+        accepted = (*LAYER_FAMILIES, *REFERENCE_FAMILIES, *([cfg.model] if cfg.model else []))
         unknown = [f for f in families if f not in accepted]
         if unknown or not families:
             raise ValueError(f"families must be among {', '.join(accepted)}; got {', '.join(families) or 'none'}")
         cfg = replace(
             cfg,
-            families=tuple(f for f in LAYER_FAMILIES if f in families),
+            families=tuple(f for f in (*LAYER_FAMILIES, *REFERENCE_FAMILIES) if f in families),
             model=cfg.model if cfg.model in families else None,
         )
     if bound_method is not None:

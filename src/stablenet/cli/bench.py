@@ -30,7 +30,8 @@ class BenchArgs:
     families: tuple[str, ...] | None = option(
         None,
         parse=comma_separated,
-        help="layers suite only: comma-separated layer families and/or the model to run (default: all and sll_s)",
+        help="layers suite only: comma-separated layer families and/or the model to run (default: all and sll_s); "
+        "orthogonium_sll, orthogonium_aol add the orthogonium package's layers (if installed) for comparison",
     )
     methods: tuple[str, ...] | None = option(
         None,
@@ -60,16 +61,19 @@ class BenchArgs:
 
 
 def bench_command(args: BenchArgs) -> int:
-    rows = run_suite(
-        args.suite,
-        quick=args.quick,
-        device=resolve_device(args.device),
-        repeats=args.repeats,
-        progress=None if args.quiet else lambda line: print(line, flush=True),
-        **pick(args, "batch_size", "data", "families", "methods", "bound_method", "spectral_n_iter", "model"),
-        data_streaming=args.data_streaming or None,  # None: not given, so not passed (run_suite)
-        data_root=args.data_root,
-    )
+    try:
+        rows = run_suite(
+            args.suite,
+            quick=args.quick,
+            device=resolve_device(args.device),
+            repeats=args.repeats,
+            progress=None if args.quiet else lambda line: print(line, flush=True),
+            **pick(args, "batch_size", "data", "families", "methods", "bound_method", "spectral_n_iter", "model"),
+            data_streaming=args.data_streaming or None,  # None: not given, so not passed (run_suite)
+            data_root=args.data_root,
+        )
+    except ImportError as e:  # an optional package a requested row needs: a usage error, one line
+        raise ValueError(str(e)) from e
     print(format_table(args.suite, rows))
     if args.json:
         write_rows(rows, args.json)
