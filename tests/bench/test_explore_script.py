@@ -31,7 +31,9 @@ def test_every_variant_trains_and_writes_its_row(tmp_path):
     done = _run(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/mnist-lipschitz-10min-fast.json")}
-    assert sorted(rows) == sorted(["baseline", "hkr", "ema", "onecycle", "narrow", "lipconvnet-aol"])
+    assert sorted(rows) == sorted(
+        ["baseline", "hkr", "ema", "onecycle", "narrow", "lipconvnet-aol", "narrower", "narrow-ema"]
+    )
 
 
 def test_the_riskiest_variants_reach_the_trainer(tmp_path):
@@ -39,7 +41,8 @@ def test_the_riskiest_variants_reach_the_trainer(tmp_path):
     done = _run(tmp_path, "hkr", "lipconvnet-aol")
     assert done.returncode == 0, done.stderr[-3000:]
     hkr = json.loads((tmp_path / "hkr" / "mnist-lipschitz-10min-fast.json").read_text())
-    assert hkr["changed"] == {"time_budget": None, "loss": "hkr", "loss_options": {"alpha": 0.98}}
+    base = {"model_args.inner_width": 1024, "ema_decay": 0.0}  # the recipe before the exploration, pinned
+    assert hkr["changed"] == {"time_budget": None, **base, "loss": "hkr", "loss_options": {"alpha": 0.98}}
     conv = json.loads((tmp_path / "lipconvnet-aol" / "mnist-lipschitz-10min-fast.json").read_text())
     assert conv["model"] == "lipconvnet" and conv["model_args"] == {"family": "aol", "width": 16, "hidden": 256}
     for row in (hkr, conv):
