@@ -104,7 +104,7 @@ from stablenet.smoothing.arguments import check_count as _check_count
 from stablenet.smoothing.arguments import check_lipschitz as _check_lipschitz
 from stablenet.smoothing.arguments import check_positive as _check_positive
 
-__all__ = ["CPMBounds", "cpm_bounds", "cpm_radius", "predicted_radius", "softmax_score_lipschitz"]
+__all__ = ["CPMBounds", "cpm_bounds", "cpm_radius", "lower_top", "predicted_radius", "softmax_score_lipschitz"]
 
 
 _TARGET_SLACK = 1e-10  # Note [safe inverse]
