@@ -523,6 +523,26 @@ def _cpu_layers(paths: Iterable[str], layers: Iterable[str] | None = None) -> st
     return sources(*paths) + "\n" + markdown(header, body, "llrrr")
 
 
+@table("layers-issue21-cpu")
+def layers_issue21_cpu() -> str:
+    """Issue 21's CPU rows: our layers and the orthogonium references in one run, widths 64 / 128."""
+    path = "cpu/bench_layers_b64.jsonl"
+    ratios, frozen = _layer_ratios(path), _layer_ratios(path, "ratio_to_frozen")
+    layers = list(dict.fromkeys(layer for layer, _ in ratios))
+    widths = sorted({size for _, size in ratios}, key=int)
+
+    def cells(table: dict, mode: str, layer: str) -> str:
+        return " / ".join(_cell(table.get((layer, w), {}).get(mode)) for w in widths)
+
+    body = [
+        (layer, cells(ratios, "train", layer), cells(ratios, "eval", layer), cells(frozen, "eval_grad", layer))
+        for layer in layers
+    ]
+    w = " / ".join(widths)
+    header = ("layer", f"train ×plain, width {w}", f"eval ×plain, {w}", f"attack step (eval_grad) ×frozen, {w}")
+    return sources(path) + "\n" + markdown(header, body, "lrrr")
+
+
 @table("layers-cpu")
 def layers_cpu() -> str:
     return _cpu_layers(["cpu/bench_layers_session13.jsonl"])
