@@ -6,6 +6,7 @@
 # 2. the circular Gram bound of the 512-channel 3x3 layers (`stablenet bench spectral`, ResNet-18 shapes);
 # 3. `stablenet bench layers` (batch 256, 32x32, widths 64 / 128; sll_s in bf16): train / eval / eval_grad ×plain
 #    for SR, spectral (torch signature: lazy size, trained with the power-iteration estimate), CPL, Cayley, SLL, AOL;
+#    then, if vendor/ holds an orthogonium wheel (carry ["vendor"]), our SLL and AOL beside orthogonium's in one run;
 # 4. an attack step on the demo model, parameters requiring grad against frozen (benchmarks/attack_step.py).
 # Results land in $OUT (the device tool's, else runs/gpu_session). DEVICE=cpu QUICK=1 runs the plumbing on a CPU in a
 # minute or two (tiny sizes, sections 1 and 2 skipped; tests/bench/test_gpu_session_script.py).
@@ -36,6 +37,19 @@ section "circular Gram bound, ResNet-18 shapes"
 
 section "bench layers"
 timeout 240 $SN bench layers --device "$DEVICE" $LAYERS --json "$OUT/bench_layers.jsonl" || echo "bench layers: exit $?"
+
+section "bench layers: orthogonium references"
+# The independent SLL and AOL layers beside ours in one run, if a wheel was carried (no network on the device):
+# copy it into the git-ignored vendor/ (pip download --no-deps orthogonium -d vendor) and carry ["vendor"].
+wheel=$(ls vendor/orthogonium-*.whl 2>/dev/null | head -n 1)
+PYDEPS=${TMPDIR:-/tmp}/stablenet-gpu-session-pydeps
+if [ -n "$wheel" ] && $PY -m pip install --quiet --no-deps --upgrade --target "$PYDEPS" "$wheel"; then
+  PYTHONPATH="$PYTHONPATH:$PYDEPS" timeout 90 $SN bench layers --device "$DEVICE" ${QUICK:+--quick --batch-size 2} \
+    --families sll,aol,orthogonium_sll,orthogonium_aol --json "$OUT/bench_layers_refs.jsonl" \
+    || echo "bench layers refs: exit $?"
+else
+  echo "no vendor/orthogonium-*.whl: reference rows skipped"
+fi
 
 section "attack step on the demo model"
 for b in $BATCHES; do
@@ -73,6 +87,10 @@ for r in rows("bench_layers.jsonl"):
     label = f"{r['layer']} width {r.get('width', '?')} {r['mode']}"
     extra = f" (x{r['ratio_to_frozen']:.2f} frozen)" if "ratio_to_frozen" in r else ""
     print(f"{label:58s} {r['ratio_to_plain']:9.2f} x   {extra}")
+for r in rows("bench_layers_refs.jsonl"):
+    if r["mode"] == "train":
+        label = f"reference run: {r['layer']} width {r.get('width', '?')} train"
+        print(f"{label:58s} {r['ratio_to_plain']:9.2f} x   ours <= orthogonium's")
 for r in rows("attack_step.jsonl"):
     print(f"{'attack step, demo model, batch ' + str(r['batch_size']):58s} {r['ratio_to_frozen']:9.2f} x   <= 1.1 x frozen")
 PY

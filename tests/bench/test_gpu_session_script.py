@@ -30,6 +30,9 @@ def test_the_gpu_session_script_runs_on_a_cpu_and_prints_one_table(tmp_path):
         assert f"spectral width 16 {mode}" in table
     assert "frozen)" in table.split("spectral width 16 eval_grad")[1].splitlines()[0]
     assert table.count("attack step, demo model, batch") == 2
+    # the reference rows run when vendor/ holds an orthogonium wheel, and say so when it does not
+    wheel = list((ROOT / "vendor").glob("orthogonium-*.whl"))
+    assert ("reference run: orthogonium_aol" in table) if wheel else ("reference rows skipped" in done.stdout)
     rows = [json.loads(line) for line in (tmp_path / "attack_step.jsonl").read_text().splitlines()]
     assert [r["batch_size"] for r in rows] == [1, 8] and all(r["frozen_ms"] > 0 for r in rows)
     assert all(r["provenance"]["device"] for r in rows)

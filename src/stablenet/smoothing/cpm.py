@@ -75,6 +75,7 @@ __all__ = [
     "CPMSmooth",
     "cpm_bounds",
     "cpm_radius",
+    "lower_top",
     "predicted_radius",
     "softmax_score_lipschitz",
 ]
