@@ -90,8 +90,9 @@ class WeightCache:
         self.graphs = None
 
     def get(self, module: nn.Module, params: Sequence[Tensor], compute: Callable[[], object]) -> object:
-        """Return ``compute()``, reusing the cached value in eval mode when no parameter needs a gradient and no
-        parameter's values changed since it was computed (Note [eval cache])."""
+        """Return ``compute()``, reusing the cached value in eval mode while no parameter's values changed since it
+        was computed (Note [eval cache]); a forward that needs parameter gradients gets it through an autograd node
+        that recomputes the map in its backward (Note [cached weights with gradients])."""
         if module.training:
             self.clear()
             if self.graphs is not None and self.graphs.applies(params):
