@@ -403,7 +403,8 @@ class CPMSmooth:
         order = hard + [c for c, s in enumerate(temps) if math.isfinite(s)]  # rows of `votes` -> candidates
         slot = torch.as_tensor(order, device=x.device)
         counts = torch.zeros(len(x) * len(temps) * k, dtype=torch.long, device=x.device)
-        stats = dict.fromkeys(("p", "p2", "z", "zz"), None)
+        shapes = {"p": (len(soft), k), "p2": (len(soft), k), "z": (k,), "zz": (k, k)}  # per input, summed over draws
+        stats = {key: torch.zeros((len(x), *n), dtype=torch.float64, device=x.device) for key, n in shapes.items()}
         for index, logits in sampling.noisy_outputs(self.base_model, x, num, self.sigma, batch_size, gen):
             if logits.ndim != 2 or logits.shape[1] != k:
                 raise ValueError(
@@ -419,8 +420,6 @@ class CPMSmooth:
             counts.scatter_add_(0, flat.reshape(-1), torch.ones_like(flat).reshape(-1))
             probs = torch.softmax(soft[None, :, None] * z[:, None, :], dim=-1)  # (B, soft, K)
             for key, value in (("p", probs), ("p2", probs.square()), ("z", z), ("zz", z[:, :, None] * z[:, None, :])):
-                if stats[key] is None:
-                    stats[key] = torch.zeros((len(x), *value.shape[1:]), dtype=torch.float64, device=x.device)
                 stats[key].index_add_(0, index, value)
         counts = counts.view(len(x), len(temps), k).cpu().numpy()
         moments = {key: value.cpu().numpy() / num for key, value in stats.items()}
